@@ -1,0 +1,65 @@
+"""``ferry``: the command line. ``ferry serve --model-repository DIR`` runs a server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from client.errors import FerryError
+from server import __version__
+from server.app import run, serve
+from server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, ServerConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferry", description="Ferry: a gRPC model server for ONNX models")
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("serve", help="serve a model repository until SIGINT/SIGTERM")
+    s.add_argument("--model-repository", required=True, help="model repository directory (Triton layout)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default 8001)")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port, -1 = off (default 8000)")
+    s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message (64 MiB)")
+    s.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    s.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its default)")
+    s.add_argument("--graph-optimization-level", choices=GRAPH_OPTIMIZATION_LEVELS, default="all")
+    s.add_argument("--execution-provider", choices=EXECUTION_PROVIDERS, default="cpu", help="cuda falls back to cpu")
+    s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
+    s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
+    s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ServerConfig.build(
+            model_repository=args.model_repository,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=None if args.http_port < 0 else args.http_port,
+            max_message_bytes=args.max_message_bytes,
+            intra_op_threads=args.intra_op_threads,
+            inter_op_threads=args.inter_op_threads,
+            graph_optimization_level=args.graph_optimization_level,
+            execution_provider=args.execution_provider,
+            strict_readiness=args.strict_readiness,
+            shutdown_grace_s=args.shutdown_grace_s,
+            use_uvloop=not args.no_uvloop,
+        )
+        run(serve(config), config.use_uvloop)
+    except FerryError as err:
+        print(f"ferry: {err.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

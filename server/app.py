@@ -1,0 +1,151 @@
+"""Composition root: builds the gRPC and HTTP listeners around one model repository.
+
+Creating the server (:meth:`FerryServer.start`, which returns once models are loaded and the ports are bound) is
+separate from running it until a signal (:func:`serve`), so tests start it on port 0 and stop it in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client._proto import POOL
+from client._proto import grpc_service_pb2 as pb
+from client._proto import grpc_service_pb2_grpc as pb_grpc
+from client.errors import Unavailable
+from server.config import ServerConfig
+from server.http import create_http_app
+from server.repository import ModelRepository
+from server.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class FerryServer:
+    """One Ferry server: the repository, the gRPC server (inference, health, reflection) and HTTP health."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.repository = ModelRepository(config)
+        self.grpc_port = 0
+        self.http_port: int | None = None
+        self._health = health.aio.HealthServicer()
+        self._draining = False
+        self._http_runner: web.AppRunner | None = None
+        limits = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ]
+        self._grpc = grpc.aio.server(options=limits)
+        self._models_with_health: set[str] = set()
+
+    def is_ready(self) -> bool:
+        if self._draining or not self.repository.loaded:
+            return False
+        return not self.config.strict_readiness or all(m.ready for m in self.repository.models())
+
+    async def start(self) -> None:
+        """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
+        servicer = InferenceServicer(self.repository, self.is_ready, self.update_health)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._grpc, pool=POOL)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        except RuntimeError as err:
+            raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
+        if self.grpc_port == 0:
+            raise Unavailable(f"cannot bind gRPC to {address}")
+        await self._grpc.start()
+        await self.update_health()  # NOT_SERVING while models load
+        if self.config.http_port is not None:
+            await self._start_http(self.config.http_port)
+        await asyncio.to_thread(self.repository.load_all)
+        await self.update_health()
+
+    async def _start_http(self, port: int) -> None:
+        runner = web.AppRunner(create_http_app(self.repository, self.is_ready), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, port)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise Unavailable(f"cannot bind HTTP to {self.config.host}:{port}: {err}") from None
+        self._http_runner = runner
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.http_port = sockets[0].getsockname()[1] if sockets else port
+
+    async def update_health(self) -> None:
+        """Publish readiness to the health service: "" and the inference service, and one entry per model."""
+        overall = SERVING if self.is_ready() else NOT_SERVING
+        await self._health.set("", overall)
+        await self._health.set(SERVICE_NAME, overall)
+        models = {m.name: m for m in self.repository.models()}
+        for name in self._models_with_health - set(models):
+            await self._health.set(name, NOT_SERVING)
+        for name, model in models.items():
+            await self._health.set(name, SERVING if model.ready and not self._draining else NOT_SERVING)
+        self._models_with_health |= set(models)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking calls, give in-flight ones ``grace_s`` to finish, then release the models."""
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await self.update_health()
+        await self._grpc.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        self.repository.close()
+
+    def ready_line(self) -> str:
+        models = self.repository.models()
+        ready = sum(m.ready for m in models)
+        http = f"{self.config.host}:{self.http_port}" if self.http_port is not None else "off"
+        return f"ferry ready: grpc={self.config.host}:{self.grpc_port} http={http} models={ready}/{len(models)} ready"
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run a server until SIGINT or SIGTERM, then drain. Prints one line when ready."""
+    server = FerryServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        print(server.ready_line(), flush=True)
+        await stop.wait()
+        log.info("stopping: draining in-flight calls for up to %.1fs", config.shutdown_grace_s)
+    finally:
+        await server.stop()
+
+
+def run(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
+    """Run ``main`` to completion, on uvloop when it is installed and wanted."""
+    factory = None
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop is not installed: using asyncio's default event loop")
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)

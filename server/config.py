@@ -1,0 +1,94 @@
+"""The server's configuration: one frozen, validated object built from the command line or by tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.errors import InvalidArgument
+
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+EXECUTION_PROVIDERS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything a Ferry server needs to start. Units are in the names."""
+
+    model_repository: Path
+    """Directory in Triton's layout: ``<repo>/<model>/config.pbtxt`` and ``<repo>/<model>/<version>/model.onnx``."""
+
+    host: str = "127.0.0.1"
+    """Address both listeners bind to (``0.0.0.0`` for all interfaces)."""
+
+    grpc_port: int = 8001
+    """gRPC port; 0 picks a free port (the ready line prints it)."""
+
+    http_port: int | None = 8000
+    """HTTP port for health endpoints; 0 picks a free port, None turns HTTP off."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message received or sent. Larger requests fail with RESOURCE_EXHAUSTED."""
+
+    intra_op_threads: int = 0
+    """onnxruntime threads inside one operator (0 = onnxruntime's default: one per physical core)."""
+
+    inter_op_threads: int = 0
+    """onnxruntime threads across independent operators (0 = onnxruntime's default)."""
+
+    graph_optimization_level: str = "all"
+    """onnxruntime graph optimizations: disable, basic, extended or all."""
+
+    execution_provider: str = "cpu"
+    """cpu, or cuda: CUDA is used when onnxruntime has it, with the CPU as fallback."""
+
+    strict_readiness: bool = False
+    """If true, ServerReady is false while any model failed to load (as Triton's default); if false, the
+    server is ready once loading finished, and broken models report themselves through ModelReady."""
+
+    shutdown_grace_s: float = 5.0
+    """On SIGINT/SIGTERM, in-flight calls get this long to finish before they are cancelled."""
+
+    use_uvloop: bool = True
+    """Run the event loop on uvloop when it is installed (about 20% more requests/s measured here)."""
+
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.extra:
+            raise InvalidArgument(f"unknown configuration keys: {sorted(self.extra)}")
+        if not (0 <= self.grpc_port <= 65535):
+            raise InvalidArgument(f"grpc_port must be in 0..65535, got {self.grpc_port}")
+        if self.http_port is not None and not (0 <= self.http_port <= 65535):
+            raise InvalidArgument(f"http_port must be in 0..65535 or None, got {self.http_port}")
+        if not (1024 <= self.max_message_bytes <= 2**31 - 1):
+            raise InvalidArgument(f"max_message_bytes must be in 1024..2147483647, got {self.max_message_bytes}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if not (0 <= getattr(self, name) <= 1024):
+                raise InvalidArgument(f"{name} must be in 0..1024, got {getattr(self, name)}")
+        if self.graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
+            raise InvalidArgument(
+                f"graph_optimization_level must be one of {GRAPH_OPTIMIZATION_LEVELS}, "
+                f"got {self.graph_optimization_level!r}"
+            )
+        if self.execution_provider not in EXECUTION_PROVIDERS:
+            raise InvalidArgument(
+                f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {self.execution_provider!r}"
+            )
+        if self.shutdown_grace_s < 0:
+            raise InvalidArgument(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if not self.model_repository.is_dir():
+            raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
+
+    @classmethod
+    def build(cls, **values: Any) -> ServerConfig:
+        """Build from keyword values, rejecting unknown keys (a misspelt option must not be ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = {k: v for k, v in values.items() if k not in known}
+        given = {k: v for k, v in values.items() if k in known}
+        if "model_repository" in given:
+            given["model_repository"] = Path(os.fspath(given["model_repository"]))
+        return cls(**given, extra=unknown)

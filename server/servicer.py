@@ -1,0 +1,243 @@
+"""The gRPC face of Ferry: thin methods that turn protocol messages into calls on the repository and
+``inference.infer``. One decorator maps errors to statuses on every RPC (a test checks none is missing)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from client._proto import grpc_service_pb2 as pb
+from client._proto import grpc_service_pb2_grpc as pb_grpc
+from client.errors import FerryError, InvalidArgument, Unimplemented
+from server import __version__
+from server.inference import infer
+from server.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+"""Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats)."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _status_of(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, FerryError):
+        return err.code, err.message
+    log.exception("%s failed unexpectedly", method)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}"
+
+
+def rpc(fn: F) -> F:
+    """Turn FerryError (and any unexpected exception, as INTERNAL) into the call's gRPC status."""
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+                return
+            except Exception as err:
+                code, message = _status_of(err, fn.__name__)
+            await context.abort(code, message)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as err:
+            code, message = _status_of(err, fn.__name__)
+        await context.abort(code, message)
+
+    return unary  # type: ignore[return-value]
+
+
+def _unimplemented(feature: str) -> Callable[..., Any]:
+    @rpc
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise Unimplemented(f"Ferry does not implement {feature}")
+
+    return method
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock, or None when the caller set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService``. ``on_change`` is called after models load or unload."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        is_ready: Callable[[], bool],
+        on_change: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._repository = repository
+        self._is_ready = is_ready
+        self._on_change = on_change
+        self._load_lock = asyncio.Lock()
+
+    @rpc
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    @rpc
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._repository.is_ready(request.name, request.version))
+
+    @rpc
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="ferry", version=__version__, extensions=EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        model = self._repository.resolve(request.name, request.version)
+        versions = (
+            [model.version_str]
+            if request.version
+            else [str(v) for v in sorted(self._repository.get_model(request.name).versions)]
+        )
+        mbs = model.max_batch_size
+
+        def meta(specs: Any) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype.name, shape=t.wire_shape(mbs))
+                for t in specs
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=versions,
+            platform=model.config.platform or model.config.backend,
+            inputs=meta(model.inputs),
+            outputs=meta(model.outputs),
+        )
+
+    @rpc
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self._repository.resolve(request.name, request.version).config)
+
+    @rpc
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await infer(request, self._repository, deadline_of(context))
+
+    @rpc
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; each answer is written when ready (matched by ``id``).
+        A failed request is answered with ``error_message`` and the stream stays open."""
+        deadline = deadline_of(context)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=await infer(request, self._repository, deadline))
+            except Exception as err:
+                code, message = _status_of(err, "ModelStreamInfer")
+                log.debug("stream request %r failed: %s %s", request.id, code, message)
+                reply = pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        id=request.id, model_name=request.model_name, model_version=request.model_version
+                    ),
+                )
+            answers.put_nowait(reply)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await answers.get()) is not None:
+                yield reply
+            await reader  # re-raises a failure of the request stream itself
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+    @rpc
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        if request.name:
+            model = self._repository.get_model(request.name)
+            if request.version:
+                versions = [self._repository.resolve(request.name, request.version)]
+            else:
+                versions = [model.versions[v] for v in sorted(model.versions)]
+        else:
+            if request.version:
+                raise InvalidArgument("ModelStatistics: a version needs a model name")
+            versions = [mv for m in self._repository.models() for _, mv in sorted(m.versions.items())]
+        return pb.ModelStatisticsResponse(model_stats=[mv.stats.to_proto(mv.name, mv.version) for mv in versions])
+
+    @rpc
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        entries = await asyncio.to_thread(lambda: list(self._repository.index()))
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
+                for e in entries
+                if not request.ready or e.state == "READY"
+            ]
+        )
+
+    @rpc
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        if request.parameters:
+            raise InvalidArgument(f"RepositoryModelLoad: parameters are not supported ({sorted(request.parameters)})")
+        async with self._load_lock:
+            model = await asyncio.to_thread(self._repository.load, request.model_name)
+            await self._on_change()
+        if not model.ready:
+            raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.errors}")
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        async with self._load_lock:
+            self._repository.unload(request.model_name)
+            await self._on_change()
+        return pb.RepositoryModelUnloadResponse()
+
+    SystemSharedMemoryStatus = _unimplemented("system shared memory")
+    SystemSharedMemoryRegister = _unimplemented("system shared memory")
+    SystemSharedMemoryUnregister = _unimplemented("system shared memory")
+    CudaSharedMemoryStatus = _unimplemented("CUDA shared memory")
+    CudaSharedMemoryRegister = _unimplemented("CUDA shared memory")
+    CudaSharedMemoryUnregister = _unimplemented("CUDA shared memory")
+    TraceSetting = _unimplemented("trace settings")
+    LogSettings = _unimplemented("log settings")
+
+
+__all__ = ["EXTENSIONS", "InferenceServicer", "rpc"]
