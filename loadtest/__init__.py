@@ -1,0 +1,1 @@
+"""Load generation, perf_analyzer driving, benchmarks and capacity reports for Ferry."""
