@@ -240,8 +240,9 @@ def _echo(request: Any) -> Any:
 
 
 class FakeServer(pb_grpc.GRPCInferenceServiceServicer):
-    """ServerLive fails with the scripted codes, then answers; ModelInfer echoes; ModelStreamInfer reads every
-    request, then answers them in reverse order (model "bad" fails with INVALID_ARGUMENT)."""
+    """ServerLive fails with the scripted codes, then answers; ModelInfer echoes (model "hang" never answers);
+    ModelStreamInfer reads every request, then answers them in reverse order (model "bad" fails with
+    INVALID_ARGUMENT)."""
 
     def __init__(self, failures: Sequence[grpc.StatusCode] = ()) -> None:
         self.failures = list(failures)
@@ -258,6 +259,8 @@ class FakeServer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if request.model_name == "missing":
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown model 'missing'")
+        if request.model_name == "hang":
+            await asyncio.Event().wait()  # until the client's deadline cancels the call
         return _echo(request)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
@@ -393,7 +396,7 @@ def test_unimplemented_rpc_raises_unimplemented(fake: tuple[str, FakeServer]) ->
 
 def test_tiny_timeout_raises_deadline_exceeded(fake: tuple[str, FakeServer]) -> None:
     with Client(fake[0]) as c, pytest.raises(DeadlineExceeded):
-        c.infer("m", {"x": np.zeros(4, np.float32)}, timeout=1e-6)
+        c.infer("hang", {"x": np.zeros(4, np.float32)}, timeout=1e-6)
 
 
 def test_client_default_timeout_applies() -> None:
