@@ -57,7 +57,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class InferResult:
-    """One inference answer: the outputs by name and the model version that actually ran."""
+    """One inference answer: the outputs by name (read-only arrays over the response bytes; copy to modify),
+    the model name and version that actually ran, the echoed request id and the response parameters."""
 
     outputs: dict[str, np.ndarray]
     model_name: str
@@ -173,9 +174,7 @@ class RetryPolicy:
     backoff_s: float
     max_backoff_s: float
 
-    def delay(
-        self, attempt: int, error: FerryError, remaining_s: float | None, rng: random.Random
-    ) -> float | None:
+    def delay(self, attempt: int, error: FerryError, remaining_s: float | None, rng: random.Random) -> float | None:
         """Seconds to wait before retry ``attempt + 1``, or None to give up and raise ``error``."""
         if not isinstance(error, Unavailable) or attempt >= self.retries:
             return None
@@ -254,9 +253,7 @@ class AsyncClient:
     async def server_ready(self, *, timeout: float | None = None) -> bool:
         return bool((await self._unary("ServerReady", pb.ServerReadyRequest(), timeout)).ready)
 
-    async def model_ready(
-        self, model: str, version: str | int | None = None, *, timeout: float | None = None
-    ) -> bool:
+    async def model_ready(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> bool:
         request = pb.ModelReadyRequest(name=model, version=_version(version))
         return bool((await self._unary("ModelReady", request, timeout)).ready)
 
@@ -271,9 +268,7 @@ class AsyncClient:
         request = pb.ModelMetadataRequest(name=model, version=_version(version))
         return await self._unary("ModelMetadata", request, timeout)
 
-    async def model_config(
-        self, model: str, version: str | int | None = None, *, timeout: float | None = None
-    ) -> Any:
+    async def model_config(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> Any:
         """The model's ``ModelConfig`` message (Triton's ``model_config.proto``)."""
         request = pb.ModelConfigRequest(name=model, version=_version(version))
         return (await self._unary("ModelConfig", request, timeout)).config
@@ -374,9 +369,7 @@ class AsyncClient:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
             else:
-                self._channel = grpc.aio.secure_channel(
-                    self._target, self._credentials, options=self._options
-                )
+                self._channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
             self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
@@ -498,9 +491,7 @@ class Client:
     def __init__(self, target: str = DEFAULT_TARGET, **options: Unpack[ClientOptions]) -> None:
         self._async = AsyncClient(target, **options)
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=_run_loop, args=(self._loop,), name="ferry-client", daemon=True
-        )
+        self._thread = threading.Thread(target=_run_loop, args=(self._loop,), name="ferry-client", daemon=True)
         self._thread.start()
         self._closed = False
 
@@ -527,22 +518,16 @@ class Client:
     def server_ready(self, *, timeout: float | None = None) -> bool:
         return self._run(self._async.server_ready(timeout=timeout))
 
-    def model_ready(
-        self, model: str, version: str | int | None = None, *, timeout: float | None = None
-    ) -> bool:
+    def model_ready(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> bool:
         return self._run(self._async.model_ready(model, version, timeout=timeout))
 
     def server_metadata(self, *, timeout: float | None = None) -> Any:
         return self._run(self._async.server_metadata(timeout=timeout))
 
-    def model_metadata(
-        self, model: str, version: str | int | None = None, *, timeout: float | None = None
-    ) -> Any:
+    def model_metadata(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> Any:
         return self._run(self._async.model_metadata(model, version, timeout=timeout))
 
-    def model_config(
-        self, model: str, version: str | int | None = None, *, timeout: float | None = None
-    ) -> Any:
+    def model_config(self, model: str, version: str | int | None = None, *, timeout: float | None = None) -> Any:
         return self._run(self._async.model_config(model, version, timeout=timeout))
 
     def statistics(

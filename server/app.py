@@ -45,11 +45,7 @@ class FerryServer:
         self._health = health.aio.HealthServicer()
         self._draining = False
         self._http_runner: web.AppRunner | None = None
-        limits = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-        ]
-        self._grpc = grpc.aio.server(options=limits)
+        self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._models_with_health: set[str] = set()
 
     def is_ready(self) -> bool:
@@ -59,19 +55,23 @@ class FerryServer:
 
     async def start(self) -> None:
         """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
+        limit = self.config.max_message_bytes
+        self._grpc = server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
         servicer = InferenceServicer(self.repository, self.is_ready, self.update_health)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, self._grpc, pool=POOL)
+        reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
-            self.grpc_port = self._grpc.add_insecure_port(address)
+            self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as err:
             raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
         if self.grpc_port == 0:
             raise Unavailable(f"cannot bind gRPC to {address}")
-        await self._grpc.start()
+        await server.start()
         await self.update_health()  # NOT_SERVING while models load
         if self.config.http_port is not None:
             await self._start_http(self.config.http_port)
@@ -109,7 +109,8 @@ class FerryServer:
         self._draining = True
         with contextlib.suppress(Exception):
             await self.update_health()
-        await self._grpc.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         self.repository.close()

@@ -98,9 +98,7 @@ def test_infer_mlp_matches_onnxruntime(client: Client, reference: Reference) -> 
     np.testing.assert_allclose(result.outputs["output"], reference("mlp", 1, x)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_explicit_versions_of_digits_differ(
-    client: Client, reference: Reference, digits_x: np.ndarray
-) -> None:
+def test_explicit_versions_of_digits_differ(client: Client, reference: Reference, digits_x: np.ndarray) -> None:
     by_version = {}
     for version in (1, 2):
         result = client.infer_result("digits", {"input": digits_x}, version=version)
@@ -139,8 +137,7 @@ def test_tiny_timeout_raises_deadline_exceeded(client: Client) -> None:
 
 def _stream_requests(count: int, bad: int) -> list[InferRequest]:
     return [
-        InferRequest("tiny", {"input": _rows(i, 1, 15 if i == bad else 16)}, request_id=f"s{i}")
-        for i in range(count)
+        InferRequest("tiny", {"input": _rows(i, 1, 15 if i == bad else 16)}, request_id=f"s{i}") for i in range(count)
     ]
 
 
@@ -177,9 +174,7 @@ def test_async_client(address: str, reference: Reference) -> None:
             results = await asyncio.gather(*(c.infer_result("tiny", {"input": x}) for x in xs))
             for x, result in zip(xs, results, strict=True):
                 assert result.model_version == "1"
-                np.testing.assert_allclose(
-                    result.outputs["output"], reference("tiny", 1, x)[0], rtol=1e-5, atol=1e-6
-                )
+                np.testing.assert_allclose(result.outputs["output"], reference("tiny", 1, x)[0], rtol=1e-5, atol=1e-6)
             requests = _stream_requests(50, bad=25)
             items = [item async for item in c.stream_infer(source(requests))]
             _check_stream(items, requests, 25, reference)

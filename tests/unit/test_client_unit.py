@@ -65,10 +65,7 @@ def test_import_client_loads_no_server_runtime_or_kernels() -> None:
 
 def test_all_is_the_documented_api() -> None:
     errors = {name for name in errors_module.__all__ if name != "error_for_status"}
-    assert (
-        set(client.__all__)
-        == {"AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"} | errors
-    )
+    assert set(client.__all__) == {"AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"} | errors
     assert len(client.__all__) == len(set(client.__all__))
     for name in client.__all__:
         assert getattr(client, name) is not None
@@ -483,9 +480,7 @@ def test_infer_result_echoes_version_id_outputs_and_parameters(fake: tuple[str, 
 
 def _stream_requests(count: int, bad: int) -> list[InferRequest]:
     return [
-        InferRequest(
-            "bad" if i == bad else "m", {"x": np.full(3, i, np.float32)}, request_id=f"r{i}" if i % 2 else ""
-        )
+        InferRequest("bad" if i == bad else "m", {"x": np.full(3, i, np.float32)}, request_id=f"r{i}" if i % 2 else "")
         for i in range(count)
     ]
 
@@ -538,9 +533,7 @@ def test_stream_raises_the_request_iterators_own_error(fake: tuple[str, FakeServ
 def test_stream_item_error_without_a_status_code_is_a_plain_ferry_error() -> None:
     from client.client import _stream_item
 
-    item = _stream_item(
-        pb.ModelStreamInferResponse(error_message="boom", infer_response=pb.ModelInferResponse())
-    )
+    item = _stream_item(pb.ModelStreamInferResponse(error_message="boom", infer_response=pb.ModelInferResponse()))
     assert type(item) is FerryError
     assert item.code == grpc.StatusCode.UNKNOWN
 

@@ -109,9 +109,7 @@ def test_mlp_has_the_specified_layers(repo: pathlib.Path) -> None:
 
 def test_builds_are_deterministic(repo: pathlib.Path, rebuilt: pathlib.Path) -> None:
     x = np.random.default_rng(2).standard_normal((4, 256), dtype=np.float32)
-    outputs = [
-        _session(root / "mlp" / "1" / "model.onnx").run(None, {"input": x})[0] for root in (repo, rebuilt)
-    ]
+    outputs = [_session(root / "mlp" / "1" / "model.onnx").run(None, {"input": x})[0] for root in (repo, rebuilt)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     for file in EXPECTED_FILES:
         assert (repo / file).read_bytes() == (rebuilt / file).read_bytes(), file
@@ -134,9 +132,7 @@ def test_digits_version(repo: pathlib.Path, version: int) -> None:
 
 def test_digits_versions_differ(repo: pathlib.Path) -> None:
     x = np.load(repo / "digits" / "heldout.npz")["X"][:20]
-    v1, v2 = (
-        _session(repo / "digits" / v / "model.onnx").run(["probabilities"], {"input": x})[0] for v in "12"
-    )
+    v1, v2 = (_session(repo / "digits" / v / "model.onnx").run(["probabilities"], {"input": x})[0] for v in "12")
     assert not np.allclose(v1, v2, atol=1e-3)
 
 
@@ -176,9 +172,7 @@ def test_rerun_completes_a_partial_model(rebuilt: pathlib.Path) -> None:
     assert _files(rebuilt) == EXPECTED_FILES
 
 
-def test_interrupted_write_keeps_the_old_file(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_interrupted_write_keeps_the_old_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "1" / "model.onnx"
     make_models.write_atomic(path, b"old")
 

@@ -52,9 +52,7 @@ def test_missing_config_is_completed_from_the_graph() -> None:
     done = complete_config(mc.ModelConfig(), "m", BATCHED_IN, BATCHED_OUT)
     assert done.name == "m" and done.platform == "onnxruntime_onnx"
     assert done.max_batch_size == DEFAULT_MAX_BATCH_SIZE
-    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in done.input] == [
-        ("input", "TYPE_FP32", [16])
-    ]
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in done.input] == [("input", "TYPE_FP32", [16])]
     assert [(t.name, list(t.dims)) for t in done.output] == [("output", [4]), ("label", [])]
     inputs, outputs = tensor_specs(done)
     assert inputs[0].wire_shape(done.max_batch_size) == [-1, 16]

@@ -137,9 +137,7 @@ def test_wire_compatible_with_triton_client(ours: FileDescriptor, theirs: FileDe
         for member in ours_sig[element].keys() - members.keys()
     }
     unexpected = extras - NEWER_THAN_TRITONCLIENT_2_41
-    assert not unexpected, (
-        f"not in tritonclient 2.41 nor known as newer Triton additions: {sorted(unexpected)}"
-    )
+    assert not unexpected, f"not in tritonclient 2.41 nor known as newer Triton additions: {sorted(unexpected)}"
 
 
 def test_rpcs_in_tritons_order() -> None:
@@ -230,7 +228,5 @@ def test_ferry_and_tritonclient_import_in_one_process(imports: str) -> None:
 
 def test_has_triton_additions_newer_than_tritonclient() -> None:
     ours = _signature(model_config_pb2.DESCRIPTOR) | _signature(grpc_service_pb2.DESCRIPTOR)
-    present = set(ours) | {
-        f"{element} field {member}" for element, members in ours.items() for member in members
-    }
+    present = set(ours) | {f"{element} field {member}" for element, members in ours.items() for member in members}
     assert sorted(NEWER_THAN_TRITONCLIENT_2_41 - present) == []
