@@ -91,6 +91,7 @@ def serving(name: str, cmd: Sequence[str], ready_prefix: str, log: IO[str]) -> I
 
 
 def _await_ready(proc: subprocess.Popen[str], prefix: str) -> str:
+    what = shlex.join(str(a) for a in proc.args) if isinstance(proc.args, list) else repr(proc.args)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def drain() -> None:  # keeps reading, so a chatty server never blocks on a full pipe
@@ -107,11 +108,11 @@ def _await_ready(proc: subprocess.Popen[str], prefix: str) -> str:
         except queue.Empty:
             break
         if line is None:
-            raise RuntimeError(f"{proc.args} exited with {proc.wait()} before it was ready (see the bench log)")
+            raise RuntimeError(f"{what} exited with {proc.wait()} before it was ready (see the bench log)")
         found = re.search(r"grpc=([\w.\-]+:\d+)", line)
         if line.startswith(prefix) and found:
             return found.group(1)
-    raise RuntimeError(f"{proc.args} printed no ready line within {READY_TIMEOUT_S}s")
+    raise RuntimeError(f"{what} printed no ready line within {READY_TIMEOUT_S}s")
 
 
 def ferry_command(models: Path) -> list[str]:
@@ -193,7 +194,7 @@ def measure(
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of repeated runs of one server in one case."""
     keys = ("infer_per_s", "p50_us", "p99_us", "avg_us", "server_cpu_us_per_infer")
-    out = {k: statistics.fmean(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
+    out: dict[str, Any] = {k: statistics.fmean(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
     breakdowns = [r["server_us"] for r in runs if "server_us" in r]
     if breakdowns:
         out["server_us"] = {k: statistics.fmean(b[k] for b in breakdowns) for k in breakdowns[0]}

@@ -32,7 +32,8 @@ def build_test_repository(root: Path) -> Path:
     (root / "add" / "config.pbtxt").write_text(
         'name: "add"\nmax_batch_size: 8\n'
         'input [ { name: "a" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "b" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
-        'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4 ] }, { name: "diff" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [ { name: "sum" data_type: TYPE_FP32 dims: [ 4 ] },\n'
+        '         { name: "diff" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
     )
     models.write_fixed_shape(root / "fixed" / "1" / "model.onnx")
     for version in (1, 2, 3):
