@@ -100,23 +100,25 @@ def complete_config(
             f"every graph input and output, but {fixed} have none"
         )
     if not done.input:
-        done.input.extend(mc.ModelInput(name=t.name, **_graph_fields(t, done, model_name)) for t in inputs)
+        for t in inputs:
+            data_type, dims = _graph_fields(t, done, model_name)
+            done.input.add(name=t.name, data_type=data_type, dims=dims)
     if not done.output:
-        done.output.extend(mc.ModelOutput(name=t.name, **_graph_fields(t, done, model_name)) for t in outputs)
+        for t in outputs:
+            data_type, dims = _graph_fields(t, done, model_name)
+            done.output.add(name=t.name, data_type=data_type, dims=dims)
     _check_against_graph(done.input, inputs, "input", done, model_name, require_all=True)
     _check_against_graph(done.output, outputs, "output", done, model_name, require_all=False)
     return done
 
 
-def _graph_fields(tensor: GraphTensor, config: mc.ModelConfig, model_name: str) -> dict[str, object]:
+def _graph_fields(tensor: GraphTensor, config: mc.ModelConfig, model_name: str) -> tuple[int, list[int]]:
+    """The config data_type and dims (batch dimension dropped for a batching model) of a graph tensor."""
     datatype = ONNX_TYPES.get(tensor.onnx_type)
     if datatype is None:
         raise InvalidArgument(f"model {model_name!r}: tensor {tensor.name!r} has unsupported type {tensor.onnx_type}")
     shape = tensor.shape[1:] if config.max_batch_size > 0 else tensor.shape
-    return {
-        "data_type": mc.DataType.Value(datatype.config_type),
-        "dims": [-1 if d is None else d for d in shape],
-    }
+    return mc.DataType.Value(datatype.config_type), [-1 if d is None else d for d in shape]
 
 
 def _check_against_graph(
@@ -139,13 +141,12 @@ def _check_against_graph(
             raise InvalidArgument(f"{where}: not in the ONNX graph, whose {kind}s are {sorted(by_name)}")
         if tensor.HasField("reshape"):
             raise InvalidArgument(f"{where}: reshape is not supported")
-        expected = _graph_fields(found, config, model_name)
-        if tensor.data_type != expected["data_type"]:
+        graph_type, graph_dims = _graph_fields(found, config, model_name)
+        if tensor.data_type != graph_type:
             raise InvalidArgument(
                 f"{where}: config says {mc.DataType.Name(tensor.data_type)}, "
-                f"the graph says {mc.DataType.Name(expected['data_type'])}"  # type: ignore[arg-type]
+                f"the graph says {mc.DataType.Name(graph_type)}"
             )
-        graph_dims = list(expected["dims"])  # type: ignore[call-overload]
         if len(tensor.dims) != len(graph_dims) or any(
             c != g and c != -1 and g != -1 for c, g in zip(tensor.dims, graph_dims, strict=True)
         ):

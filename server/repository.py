@@ -74,15 +74,10 @@ class ModelRepository:
         old = self._models.get(name)
         self._models[name] = model
         if old is not None:
-            for version in old.versions.values():
-                version.close()
-        for version, reason in model.errors.items():
-            log.error(
-                "model %r version %s failed to load: %s",
-                name,
-                version if version is not None else "-",
-                reason,
-            )
+            for stale in old.versions.values():
+                stale.close()
+        for failed, reason in model.errors.items():
+            log.error("model %r version %s failed to load: %s", name, "-" if failed is None else failed, reason)
         for mv in model.versions.values():
             log.info(
                 "loaded %s from %s (sha256 %s, %.2fs)",
@@ -172,7 +167,8 @@ def _load_model(server: ServerConfig, path: Path) -> Model:
     except (FerryError, OSError) as err:
         model.errors[None] = str(err)
         return model
-    model.errors.update(missing)
+    for version, reason in missing.items():
+        model.errors[version] = reason
     for version in chosen:
         try:
             model.versions[version] = ModelVersion.load(

@@ -74,9 +74,11 @@ def test_liveness_and_readiness(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 
 
 def test_strict_readiness_reports_not_ready_while_a_model_is_broken(test_repo: Path) -> None:
-    with background_server(test_repo, strict_readiness=True, http_port=None) as strict:
-        with grpc.insecure_channel(strict.address) as channel:
-            assert not pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
+    with (
+        background_server(test_repo, strict_readiness=True, http_port=None) as strict,
+        grpc.insecure_channel(strict.address) as channel,
+    ):
+        assert not pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
 
 
 def test_server_metadata(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -187,13 +189,15 @@ def test_large_request_above_grpc_default_limit(
 
 
 def test_message_above_the_configured_limit_is_resource_exhausted(test_repo: Path) -> None:
-    with background_server(test_repo, max_message_bytes=64 * 1024, http_port=None) as small:
-        with grpc.insecure_channel(small.address) as channel:
-            x = np.ones((1, 4), np.float32)
-            request = request_for("add", {"a": x, "b": x})
-            request.parameters["padding"].string_param = "p" * (128 * 1024)
-            with pytest.raises(grpc.RpcError) as err:
-                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    x = np.ones((1, 4), np.float32)
+    request = request_for("add", {"a": x, "b": x})
+    request.parameters["padding"].string_param = "p" * (128 * 1024)
+    with (
+        background_server(test_repo, max_message_bytes=64 * 1024, http_port=None) as small,
+        grpc.insecure_channel(small.address) as channel,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
