@@ -113,7 +113,7 @@ class FerryServer:
             await self._grpc.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
-        self.repository.close()
+        await self.repository.close()
 
     def ready_line(self) -> str:
         models = self.repository.models()

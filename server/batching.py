@@ -57,6 +57,7 @@ class BatchPolicy:
     levels: tuple[LevelPolicy, ...] = (LevelPolicy(1024, None, False, True),)
     default_level: int = 1  # 1 = highest priority
     instances: int = 1
+    priorities: bool = True  # False: the model has no priority levels and a request's priority is ignored
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1 or self.instances < 1 or not self.levels:
@@ -122,6 +123,8 @@ class Batcher:
         level allows overrides, and only to shorten the level's timeout)."""
         if self._closed:
             raise Unavailable(f"{self.name}: the server is shutting down")
+        if self._dispatcher is None:
+            self.start()  # models load in a worker thread; the first request starts the batcher on the loop
         level = self._level_of(priority)
         policy = self.policy.levels[level]
         if len(self._queues[level]) >= policy.max_queue_size:
@@ -145,7 +148,7 @@ class Batcher:
         return result, item.started - item.enqueued
 
     def _level_of(self, priority: int) -> int:
-        if priority == 0:
+        if priority == 0 or not self.policy.priorities:
             return self.policy.default_level - 1
         if not 1 <= priority <= len(self.policy.levels):
             raise InvalidArgument(

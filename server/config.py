@@ -45,6 +45,10 @@ class ServerConfig:
     execution_provider: str = "cpu"
     """cpu, or cuda: CUDA is used when onnxruntime has it, with the CPU as fallback."""
 
+    max_queue_size: int = 1024
+    """Requests that may wait per model version and priority level when config.pbtxt leaves ``max_queue_size`` at
+    0; past it, requests are rejected at once with UNAVAILABLE."""
+
     strict_readiness: bool = False
     """If true, ServerReady is false while any model failed to load (as Triton's default); if false, the
     server is ready once loading finished, and broken models report themselves through ModelReady."""
@@ -78,6 +82,8 @@ class ServerConfig:
             raise InvalidArgument(
                 f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {self.execution_provider!r}"
             )
+        if not (1 <= self.max_queue_size <= 1_000_000):
+            raise InvalidArgument(f"max_queue_size must be in 1..1000000, got {self.max_queue_size}")
         if self.shutdown_grace_s < 0:
             raise InvalidArgument(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if not self.model_repository.is_dir():

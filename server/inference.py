@@ -1,11 +1,12 @@
-"""One inference, end to end: resolve the model version, decode, run, encode. Reading this explains a request."""
+"""One inference, end to end: resolve the model version, decode, queue for a batch, encode. Reading this
+explains a request."""
 
 from __future__ import annotations
 
 import time
 
 from client._proto import grpc_service_pb2 as pb
-from client.errors import DeadlineExceeded
+from client.errors import DeadlineExceeded, InvalidArgument
 from server.codec import decode_inputs, encode_response, requested_outputs
 from server.repository import ModelRepository
 
@@ -21,15 +22,37 @@ async def infer(
     try:
         feeds, rows = decode_inputs(request, model)
         names = requested_outputs(request, model)
-        decoded = time.perf_counter_ns()
+        priority, timeout_s = scheduling(request)
         if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded(f"{model.describe()}: deadline passed before the model ran")
-        outputs, queue_ns, infer_ns = await model.run(feeds, names, deadline)
-        ran = time.perf_counter_ns()
+            raise DeadlineExceeded(f"{model.describe()}: the caller's deadline passed before the request was queued")
+        outputs, queued_s = await model.infer(feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s)
+        stats.queue.add(int(queued_s * 1e9))
+        if names is not model.output_names:
+            outputs = [outputs[model.output_index[name]] for name in names]
         response = encode_response(request, model, names, outputs)
-        stats.queue.add(queue_ns)
-        stats.record_execution(rows or 1, decoded - start, infer_ns, time.perf_counter_ns() - ran)
         ok = True
         return response
     finally:
         stats.record_request(ok, time.perf_counter_ns() - start)
+
+
+def scheduling(request: pb.ModelInferRequest) -> tuple[int, float | None]:
+    """The request's ``priority`` (0 = the model's default level) and ``timeout`` (µs, as seconds) parameters."""
+    params = request.parameters
+    priority = timeout_s = None
+    if "priority" in params:
+        priority = _integer(params["priority"], "priority")
+    if "timeout" in params:
+        timeout_us = _integer(params["timeout"], "timeout")
+        timeout_s = timeout_us / 1e6 if timeout_us else None
+    return priority or 0, timeout_s
+
+
+def _integer(param: pb.InferParameter, name: str) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"request parameter {name!r} must be an int64 or uint64, got {kind}")
+    value = int(getattr(param, kind))
+    if value < 0:
+        raise InvalidArgument(f"request parameter {name!r} must be >= 0, got {value}")
+    return value

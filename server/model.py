@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,9 +20,10 @@ import numpy as np
 import onnxruntime as ort
 
 from client._proto import model_config_pb2 as mc
-from client.errors import DeadlineExceeded, Internal, InvalidArgument
+from client.errors import Internal, InvalidArgument, Unavailable
+from server.batching import Batcher, BatchPolicy
 from server.config import GRAPH_OPTIMIZATION_LEVELS, ServerConfig
-from server.modelconfig import GraphTensor, TensorSpec, complete_config, tensor_specs
+from server.modelconfig import GraphTensor, TensorSpec, batch_policy, complete_config, instance_count, tensor_specs
 from server.stats import VersionStats
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,9 @@ class SessionSettings:
     execution_provider: str
 
     @classmethod
-    def resolve(cls, server: ServerConfig, config: mc.ModelConfig) -> SessionSettings:
-        """Server flags, overridden by the model's config.pbtxt `parameters`."""
+    def resolve(cls, server: ServerConfig, config: mc.ModelConfig, instances: int = 1) -> SessionSettings:
+        """Server flags, overridden by the model's config.pbtxt `parameters`. Intra-op threads left at 0 become
+        cores // instances (at least 1), so N instances running at once do not oversubscribe the cores."""
         params = {k: v.string_value for k, v in config.parameters.items()}
         where = f"model {config.name!r} parameters"
         for key in params:
@@ -77,7 +81,7 @@ class SessionSettings:
         if provider not in ("cpu", "cuda"):
             raise InvalidArgument(f"{where}: execution_provider must be cpu or cuda, got {provider!r}")
         return cls(
-            count("intra_op_thread_count", server.intra_op_threads),
+            count("intra_op_thread_count", server.intra_op_threads) or max(1, (os.cpu_count() or 1) // instances),
             count("inter_op_thread_count", server.inter_op_threads),
             level,
             provider,
@@ -124,6 +128,7 @@ class ModelVersion:
         session: ort.InferenceSession,
         sha256: str,
         load_seconds: float,
+        policy: BatchPolicy,
     ) -> None:
         self.name = config.name
         self.version = version
@@ -138,51 +143,83 @@ class ModelVersion:
         self.input_by_name: dict[str, TensorSpec] = {t.name: t for t in self.inputs}
         self.output_by_name: dict[str, TensorSpec] = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
+        self.output_index = {name: i for i, name in enumerate(self.output_names)}
         self.stats = VersionStats()
+        self.policy = policy
         self._session = session
-        workers = sum(max(g.count, 1) for g in config.instance_group) or 1
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"ferry-{self.name}-v{version}")
+        self._fixed_shapes = all(-1 not in t.dims and not t.optional for t in self.inputs)
+        self._executor = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"ferry-{self.name}-v{version}")
+        self._batcher = Batcher(policy, self._run_batch, self.describe())
 
     @classmethod
     def load(
         cls, server: ServerConfig, config: mc.ModelConfig, model_name: str, version: int, path: Path
     ) -> ModelVersion:
         start = time.perf_counter()
-        settings = SessionSettings.resolve(server, config)
+        settings = SessionSettings.resolve(server, config, instance_count(config))
         try:
             session = settings.session(path)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise InvalidArgument(f"onnxruntime cannot load {path}: {err}") from None
         done = complete_config(config, model_name, _graph(session.get_inputs()), _graph(session.get_outputs()))
-        return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start)
+        policy = batch_policy(done, server.max_queue_size)
+        return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start, policy)
 
     def describe(self) -> str:
         return f"model {self.name!r} version {self.version}"
 
-    async def run(
-        self, feeds: dict[str, np.ndarray], output_names: list[str], deadline: float | None
-    ) -> tuple[list[np.ndarray], int, int]:
-        """Run the model on the version's executor: the outputs, ns spent queued and ns computing."""
-        loop = asyncio.get_running_loop()
-        queued = time.perf_counter_ns()
-        outputs, started, infer_ns = await loop.run_in_executor(
-            self._executor, self._run_sync, feeds, output_names, deadline
+    async def infer(
+        self,
+        feeds: dict[str, np.ndarray],
+        rows: int,
+        *,
+        deadline: float | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+    ) -> tuple[list[np.ndarray], float]:
+        """Queue one request's feeds for a batch; returns all outputs (in config order) for its rows, and the
+        seconds it spent queued."""
+        signature = None if self._fixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
+        return await self._batcher.submit(
+            feeds, max(rows, 1), signature, deadline=deadline, priority=priority, timeout_s=timeout_s
         )
-        return outputs, started - queued, infer_ns
 
-    def _run_sync(
-        self, feeds: dict[str, np.ndarray], output_names: list[str], deadline: float | None
-    ) -> tuple[list[np.ndarray], int, int]:
-        started = time.perf_counter_ns()
-        # A request whose caller gave up while it queued never reaches the model.
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded(f"{self.describe()}: deadline passed while the request was queued")
+    async def _run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        loop = asyncio.get_running_loop()
         try:
-            outputs = self._session.run(output_names, feeds)
-        except Exception as err:
-            raise Internal(f"{self.describe()}: onnxruntime failed: {err}") from None
-        return outputs, started, time.perf_counter_ns() - started
+            results, rows, timings = await loop.run_in_executor(self._executor, self._run_sync, batch)
+        except RuntimeError as err:  # the executor was shut down: the version is unloading
+            raise Unavailable(f"{self.describe()} is unloading: {err}") from None
+        self.stats.record_execution(rows, *timings)
+        return results
 
-    def close(self) -> None:
-        """Stop accepting work; runs already handed to the executor finish."""
+    def _run_sync(self, batch: list[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], int, tuple[int, int, int]]:
+        """In a worker thread: one concatenation per input, one onnxruntime run, outputs split back as views."""
+        t0 = time.perf_counter_ns()
+        one = len(batch) == 1
+        feeds = batch[0] if one else {name: np.concatenate([f[name] for f in batch]) for name in batch[0]}
+        t1 = time.perf_counter_ns()
+        try:
+            outputs = self._session.run(self.output_names, feeds)
+        except Exception as err:
+            raise Internal(
+                f"{self.describe()}: onnxruntime failed on a batch of {len(batch)} requests: {err}"
+            ) from None
+        t2 = time.perf_counter_ns()
+        if len(batch) == 1:
+            results = [outputs]
+            rows = len(outputs[0]) if self.max_batch_size > 0 and outputs[0].ndim else 1
+        else:
+            sizes = [len(next(iter(f.values()))) for f in batch]
+            rows = sum(sizes)
+            for name, out in zip(self.output_names, outputs, strict=True):
+                if out.ndim == 0 or out.shape[0] != rows:
+                    raise Internal(f"{self.describe()}: output {name!r} has {out.shape[:1]} rows for a batch of {rows}")
+            bounds = np.cumsum([0, *sizes]).tolist()
+            results = [[out[a:b] for out in outputs] for a, b in itertools.pairwise(bounds)]
+        return results, rows, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+
+    async def close(self) -> None:
+        """Fail queued requests, let running batches finish, then stop the executor."""
+        await self._batcher.close()
         self._executor.shutdown(wait=False)

@@ -14,6 +14,7 @@ from google.protobuf import text_format
 from client._proto import model_config_pb2 as mc
 from client.errors import InvalidArgument
 from client.tensors import DATATYPES, Datatype
+from server.batching import BatchPolicy, LevelPolicy
 
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -187,3 +188,49 @@ def select_versions(config: mc.ModelConfig, available: Sequence[int]) -> tuple[l
     if count < 1:
         raise InvalidArgument(f"model {config.name!r}: version_policy latest num_versions must be >= 1")
     return ordered[-count:], {}
+
+
+def instance_count(config: mc.ModelConfig) -> int:
+    """Batches of one version that may run at once: the sum of ``instance_group`` counts (default 1)."""
+    return sum(max(g.count, 1) for g in config.instance_group) or 1
+
+
+def batch_policy(config: mc.ModelConfig, default_max_queue_size: int) -> BatchPolicy:
+    """How a completed config queues and batches: Triton's ``dynamic_batching`` block, or one request per run.
+
+    A level's ``max_queue_size`` of 0 (Triton: unbounded) becomes ``default_max_queue_size``: every queue is bounded.
+    Without ``priority_levels`` there is one level; a ``default_priority_level`` of 0 means the lowest level."""
+    where = f"model {config.name!r} dynamic_batching"
+    mbs = config.max_batch_size
+    batching = config.HasField("dynamic_batching") and mbs > 0
+    db = config.dynamic_batching
+    count = max(1, db.priority_levels)
+
+    def level(queue: mc.ModelQueuePolicy) -> LevelPolicy:
+        timeout_s = queue.default_timeout_microseconds / 1e6 if queue.default_timeout_microseconds else None
+        return LevelPolicy(
+            max_queue_size=queue.max_queue_size or default_max_queue_size,
+            timeout_s=timeout_s,
+            delay_on_timeout=queue.timeout_action == mc.ModelQueuePolicy.DELAY,
+            allow_timeout_override=queue.allow_timeout_override or timeout_s is None,
+        )
+
+    for size in db.preferred_batch_size:
+        if not 1 <= size <= max(mbs, 1):
+            raise InvalidArgument(f"{where}: preferred_batch_size {size} is outside 1..{mbs} (max_batch_size)")
+    for key in db.priority_queue_policy:
+        if not 1 <= key <= count:
+            raise InvalidArgument(f"{where}: priority_queue_policy names level {key}, outside 1..{count}")
+    if db.default_priority_level > count:
+        raise InvalidArgument(f"{where}: default_priority_level {db.default_priority_level} is outside 1..{count}")
+    levels = tuple(level(db.priority_queue_policy.get(i, db.default_queue_policy)) for i in range(1, count + 1))
+    return BatchPolicy(
+        batching=batching,
+        max_batch_rows=max(mbs, 1),
+        preferred_rows=tuple(db.preferred_batch_size),
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        levels=levels,
+        default_level=db.default_priority_level or count,
+        instances=instance_count(config),
+        priorities=db.priority_levels > 0,
+    )

@@ -8,6 +8,7 @@ a half-loaded model. A model or version that fails to load is kept with its erro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,44 +61,41 @@ class ModelRepository:
         return sorted(p for p in self._root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def load_all(self) -> None:
-        """Load every model in the repository (blocking)."""
+        """Load every model in the repository (blocking; at start, before any model is published)."""
         for path in self.model_dirs():
-            self.load(path.name)
+            self._publish(_load_model(self._config, path))
         self.loaded = True
 
-    def load(self, name: str) -> Model:
-        """(Re)load one model from disk and publish it, replacing and closing the old one (blocking)."""
+    async def load(self, name: str) -> Model:
+        """(Re)load one model from disk and publish it; the versions it replaces drain and close."""
         path = self._root / name
         if not path.is_dir():
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
-        model = _load_model(self._config, path)
-        old = self._models.get(name)
-        self._models[name] = model
+        model = await asyncio.to_thread(_load_model, self._config, path)
+        old = self._publish(model)
         if old is not None:
-            for stale in old.versions.values():
-                stale.close()
-        for failed, reason in model.errors.items():
-            log.error("model %r version %s failed to load: %s", name, "-" if failed is None else failed, reason)
-        for mv in model.versions.values():
-            log.info(
-                "loaded %s from %s (sha256 %s, %.2fs)",
-                mv.describe(),
-                mv.path,
-                mv.sha256[:12],
-                mv.load_seconds,
-            )
+            await _close(old)
         return model
 
-    def unload(self, name: str) -> None:
+    def _publish(self, model: Model) -> Model | None:
+        old = self._models.get(model.name)
+        self._models[model.name] = model
+        for failed, reason in model.errors.items():
+            log.error("model %r version %s failed to load: %s", model.name, "-" if failed is None else failed, reason)
+        for mv in model.versions.values():
+            log.info("loaded %s from %s (sha256 %s, %.2fs)", mv.describe(), mv.path, mv.sha256[:12], mv.load_seconds)
+        return old
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model: new requests get NOT_FOUND, queued ones UNAVAILABLE, running batches finish."""
         model = self._models.pop(name, None)
         if model is None:
             raise NotFound(f"model {name!r} is not loaded")
-        for version in model.versions.values():
-            version.close()
+        await _close(model)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for name in list(self._models):
-            self.unload(name)
+            await self.unload(name)
 
     def models(self) -> list[Model]:
         return [self._models[name] for name in sorted(self._models)]
@@ -146,6 +144,10 @@ class ModelRepository:
             ]
             for version, state, reason in sorted(entries, key=lambda e: -1 if e[0] is None else e[0]):
                 yield IndexEntry(model.name, "" if version is None else str(version), state, reason)
+
+
+async def _close(model: Model) -> None:
+    await asyncio.gather(*(version.close() for version in model.versions.values()))
 
 
 def _why(model: Model) -> str:

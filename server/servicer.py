@@ -215,7 +215,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.parameters:
             raise InvalidArgument(f"RepositoryModelLoad: parameters are not supported ({sorted(request.parameters)})")
         async with self._load_lock:
-            model = await asyncio.to_thread(self._repository.load, request.model_name)
+            model = await self._repository.load(request.model_name)
             await self._on_change()
         if not model.ready:
             raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.errors}")
@@ -226,7 +226,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         async with self._load_lock:
-            self._repository.unload(request.model_name)
+            await self._repository.unload(request.model_name)
             await self._on_change()
         return pb.RepositoryModelUnloadResponse()
 
