@@ -22,6 +22,7 @@ from client._proto import POOL
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import Unavailable
+from server.cache import ResultCache
 from server.config import ServerConfig
 from server.http import create_http_app
 from server.repository import ModelRepository
@@ -39,7 +40,8 @@ class FerryServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.repository = ModelRepository(config)
+        self.cache = ResultCache(config.cache_max_bytes)
+        self.repository = ModelRepository(config, on_close=self.cache.drop_version)
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -59,7 +61,7 @@ class FerryServer:
         self._grpc = server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        servicer = InferenceServicer(self.repository, self.is_ready, self.update_health)
+        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)

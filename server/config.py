@@ -45,6 +45,10 @@ class ServerConfig:
     execution_provider: str = "cpu"
     """cpu, or cuda: CUDA is used when onnxruntime has it, with the CPU as fallback."""
 
+    cache_max_bytes: int = 256 * 1024 * 1024
+    """Bound of the server-wide result cache (inputs + outputs of the entries), used by models whose config.pbtxt
+    has ``response_cache { enable: true }``; 0 turns the cache off for every model."""
+
     max_queue_size: int = 1024
     """Requests that may wait per model version and priority level when config.pbtxt leaves ``max_queue_size`` at
     0; past it, requests are rejected at once with UNAVAILABLE."""
@@ -82,6 +86,8 @@ class ServerConfig:
             raise InvalidArgument(
                 f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {self.execution_provider!r}"
             )
+        if self.cache_max_bytes < 0:
+            raise InvalidArgument(f"cache_max_bytes must be >= 0, got {self.cache_max_bytes}")
         if not (1 <= self.max_queue_size <= 1_000_000):
             raise InvalidArgument(f"max_queue_size must be in 1..1000000, got {self.max_queue_size}")
         if self.shutdown_grace_s < 0:

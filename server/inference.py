@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from client._proto import grpc_service_pb2 as pb
 from client.errors import DeadlineExceeded, InvalidArgument
+from server.cache import ResultCache, cache_key
 from server.codec import decode_inputs, encode_response, requested_outputs
 from server.repository import ModelRepository
 
 
 async def infer(
-    request: pb.ModelInferRequest, repository: ModelRepository, deadline: float | None
+    request: pb.ModelInferRequest, repository: ModelRepository, cache: ResultCache, deadline: float | None
 ) -> pb.ModelInferResponse:
     """Answer one ModelInferRequest. ``deadline`` is on the ``time.monotonic()`` clock (None = no deadline)."""
     model = repository.resolve(request.model_name, request.model_version)
@@ -25,10 +28,26 @@ async def infer(
         priority, timeout_s = scheduling(request)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{model.describe()}: the caller's deadline passed before the request was queued")
-        outputs, queued_s = await model.infer(feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s)
-        stats.queue.add(int(queued_s * 1e9))
-        if names is not model.output_names:
-            outputs = [outputs[model.output_index[name]] for name in names]
+        model_ns = 0
+
+        async def run() -> list[np.ndarray]:
+            nonlocal model_ns
+            began = time.perf_counter_ns()
+            outputs, queued_s = await model.infer(
+                feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s
+            )
+            stats.queue.add(int(queued_s * 1e9))
+            model_ns = time.perf_counter_ns() - began
+            return outputs if names is model.output_names else [outputs[model.output_index[n]] for n in names]
+
+        if model.cache_enabled and cache.max_bytes > 0:
+            key, key_bytes = cache_key(model.name, model.version, feeds, names)
+            looked = time.perf_counter_ns()
+            outputs, hit = await cache.get_or_run(key, key_bytes, run)
+            cache_ns = time.perf_counter_ns() - looked - model_ns
+            (stats.cache_hit if hit else stats.cache_miss).add(cache_ns)
+        else:
+            outputs = await run()
         response = encode_response(request, model, names, outputs)
         ok = True
         return response

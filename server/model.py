@@ -146,6 +146,7 @@ class ModelVersion:
         self.output_index = {name: i for i, name in enumerate(self.output_names)}
         self.stats = VersionStats()
         self.policy = policy
+        self.cache_enabled = config.response_cache.enable
         self._session = session
         self._fixed_shapes = all(-1 not in t.dims and not t.optional for t in self.inputs)
         self._executor = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"ferry-{self.name}-v{version}")

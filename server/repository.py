@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +51,10 @@ class IndexEntry:
 
 
 class ModelRepository:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, on_close: Callable[[str, int], None] = lambda name, version: None):
+        """``on_close(name, version)`` is called for every version that stops serving (the cache forgets it)."""
         self._config = config
+        self._on_close = on_close
         self._root = config.model_repository
         self._models: dict[str, Model] = {}
         self.loaded = False
@@ -74,7 +76,7 @@ class ModelRepository:
         model = await asyncio.to_thread(_load_model, self._config, path)
         old = self._publish(model)
         if old is not None:
-            await _close(old)
+            await self._close(old)
         return model
 
     def _publish(self, model: Model) -> Model | None:
@@ -91,7 +93,12 @@ class ModelRepository:
         model = self._models.pop(name, None)
         if model is None:
             raise NotFound(f"model {name!r} is not loaded")
-        await _close(model)
+        await self._close(model)
+
+    async def _close(self, model: Model) -> None:
+        await asyncio.gather(*(version.close() for version in model.versions.values()))
+        for version in model.versions.values():
+            self._on_close(version.name, version.version)
 
     async def close(self) -> None:
         for name in list(self._models):
@@ -144,10 +151,6 @@ class ModelRepository:
             ]
             for version, state, reason in sorted(entries, key=lambda e: -1 if e[0] is None else e[0]):
                 yield IndexEntry(model.name, "" if version is None else str(version), state, reason)
-
-
-async def _close(model: Model) -> None:
-    await asyncio.gather(*(version.close() for version in model.versions.values()))
 
 
 def _why(model: Model) -> str:

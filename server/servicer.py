@@ -17,6 +17,7 @@ from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import FerryError, InvalidArgument, Unimplemented
 from server import __version__
+from server.cache import ResultCache
 from server.inference import infer
 from server.repository import ModelRepository
 
@@ -82,10 +83,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         repository: ModelRepository,
+        cache: ResultCache,
         is_ready: Callable[[], bool],
         on_change: Callable[[], Awaitable[None]],
     ) -> None:
         self._repository = repository
+        self._cache = cache
         self._is_ready = is_ready
         self._on_change = on_change
         self._load_lock = asyncio.Lock()
@@ -136,7 +139,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await infer(request, self._repository, deadline_of(context))
+        return await infer(request, self._repository, self._cache, deadline_of(context))
 
     @rpc
     async def ModelStreamInfer(
@@ -150,7 +153,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await infer(request, self._repository, deadline))
+                reply = pb.ModelStreamInferResponse(
+                    infer_response=await infer(request, self._repository, self._cache, deadline)
+                )
             except Exception as err:
                 code, message = _status_of(err, "ModelStreamInfer")
                 log.debug("stream request %r failed: %s %s", request.id, code, message)

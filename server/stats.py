@@ -42,6 +42,8 @@ class VersionStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
+    cache_hit: Duration = field(default_factory=Duration)
+    cache_miss: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
@@ -79,6 +81,8 @@ class VersionStats:
                 compute_input=self.compute_input.to_proto(),
                 compute_infer=self.compute_infer.to_proto(),
                 compute_output=self.compute_output.to_proto(),
+                cache_hit=self.cache_hit.to_proto(),
+                cache_miss=self.cache_miss.to_proto(),
             ),
             batch_stats=[
                 pb.InferBatchStatistics(
