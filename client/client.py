@@ -14,7 +14,8 @@ arrays are read-only views over the response bytes: copy one before writing to i
 
 Every failed RPC raises the ``client.errors.FerryError`` subclass of its status code (``NotFound``,
 ``InvalidArgument``, ``Unavailable``, ...), chained to the ``grpc.aio.AioRpcError``. Unary calls are retried
-on UNAVAILABLE only, with capped, jittered exponential backoff, and never past the call's deadline.
+on UNAVAILABLE only, with capped, jittered exponential backoff, and never past the call's deadline; an answer
+that arrives after the deadline raises ``DeadlineExceeded`` as well.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Coroutine,
+    Generator,
     Iterable,
     Iterator,
     Mapping,
@@ -41,15 +43,20 @@ import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.errors import FerryError, Internal, InvalidArgument, Unavailable, error_for_status
+from client.errors import (
+    STATUS_CODE_PARAMETER,
+    DeadlineExceeded,
+    FerryError,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+    error_for_status,
+)
 from client.tensors import DATATYPES, datatype_of, from_contents, from_raw, to_raw
 
 __all__ = ["AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"]
 
 DEFAULT_TARGET = "127.0.0.1:8001"
-STATUS_CODE_PARAMETER = "ferry_status_code"
-"""Stream error replies carry their status code's name here (``infer_response.parameters``, string_param),
-as ``ModelStreamInferResponse.error_message`` is text only; without it an item error is a plain FerryError."""
 
 Parameter = bool | int | str | float
 T = TypeVar("T")
@@ -377,7 +384,11 @@ class AsyncClient:
         return self._timeout_s if timeout is None else timeout
 
     async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
-        """Call one unary RPC under one deadline, retrying per ``RetryPolicy``."""
+        """Call one unary RPC under one deadline, retrying per ``RetryPolicy``.
+
+        An answer that arrives after the deadline raises DeadlineExceeded too: gRPC's deadline timer can lose
+        the race against a fast answer, and the caller's deadline should not depend on who wins it.
+        """
         rpc = getattr(self._get_stub(), method)
         budget = self._timeout(timeout)
         deadline = None if budget is None else time.monotonic() + budget
@@ -385,7 +396,10 @@ class AsyncClient:
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                return await rpc(request, timeout=remaining, metadata=self._metadata)
+                reply = await rpc(request, timeout=remaining, metadata=self._metadata)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"{method}: the answer came after the {budget:g} s deadline")
+                return reply
             except grpc.aio.AioRpcError as err:
                 error = _error(err)
                 if deadline is not None:
@@ -584,9 +598,10 @@ class Client:
 
     def stream_infer(
         self, requests: Iterable[InferRequest], *, timeout: float | None = None
-    ) -> Iterator[InferResult | FerryError]:
+    ) -> Generator[InferResult | FerryError, None, None]:
         """``AsyncClient.stream_infer`` as a blocking iterator. A list or tuple is sent as it is; any other
-        iterable is read in a worker thread, so it may block (e.g. a generator waiting for input)."""
+        iterable is read in a worker thread, so it may block (e.g. a generator waiting for input). Closing the
+        generator early cancels the stream."""
         source = requests if isinstance(requests, Sequence) else _read_in_thread(iter(requests))
         stream = self._async.stream_infer(source, timeout=timeout)
         try:

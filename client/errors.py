@@ -22,6 +22,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "STATUS_CODE_PARAMETER",
     "Cancelled",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -94,6 +95,10 @@ class PermissionDenied(FerryError):
 class Internal(FerryError):
     code = grpc.StatusCode.INTERNAL
 
+
+STATUS_CODE_PARAMETER = "ferry_status_code"
+"""Stream error replies carry their status code's name here (``infer_response.parameters``, string_param), as
+``ModelStreamInferResponse.error_message`` is text only; without it an item error is a plain FerryError."""
 
 _BY_CODE: dict[grpc.StatusCode, type[FerryError]] = {cls.code: cls for cls in FerryError.__subclasses__()}
 

@@ -142,8 +142,7 @@ def from_contents(contents: Any, datatype: Datatype, shape: Sequence[int], what:
     values = getattr(contents, datatype.contents_field)
     if len(values) != count:
         raise InvalidArgument(
-            f"{what}: {datatype.contents_field} holds {len(values)} values, "
-            f"expected {count} for shape {list(shape)}"
+            f"{what}: {datatype.contents_field} holds {len(values)} values, expected {count} for shape {list(shape)}"
         )
     if datatype.name == "BYTES":
         array = np.empty(count, dtype=object)

@@ -62,9 +62,7 @@ def _dense_config(name: str, in_dim: int, out_dim: int) -> bytes:
 
 
 # Inputs and outputs are left to the server, which reads them from the ONNX graph.
-DIGITS_CONFIG = (
-    b'name: "digits"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\nversion_policy: { all { } }\n'
-)
+DIGITS_CONFIG = b'name: "digits"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\nversion_policy: { all { } }\n'
 
 
 def dense_relu_net(name: str, sizes: Sequence[int], seed: int = 0) -> onnx.ModelProto:
@@ -167,9 +165,7 @@ def _build_digits() -> Files:
         accuracy = onnx_accuracy(model, x_test, y_test)
         print(f"digits v{version} ({type(pipeline[-1]).__name__}): held-out accuracy {accuracy:.4f}")
         if accuracy <= MIN_DIGITS_ACCURACY:
-            raise RuntimeError(
-                f"digits v{version} accuracy {accuracy:.4f} is not above {MIN_DIGITS_ACCURACY}"
-            )
+            raise RuntimeError(f"digits v{version} accuracy {accuracy:.4f} is not above {MIN_DIGITS_ACCURACY}")
         files[f"{version}/model.onnx"] = model.SerializeToString()
     files["heldout.npz"] = _npz(X=x_test, y=y_test)
     files["train_stats.npz"] = _npz(

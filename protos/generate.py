@@ -108,9 +108,7 @@ def generate(out_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile protos/*.proto into the client._proto package.")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"output package (default: {DEFAULT_OUT})"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output package (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     return generate(args.out)
 

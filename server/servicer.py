@@ -15,7 +15,7 @@ import grpc
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.errors import FerryError, InvalidArgument, Unimplemented
+from client.errors import STATUS_CODE_PARAMETER, FerryError, InvalidArgument, Unimplemented
 from server import __version__
 from server.cache import ResultCache
 from server.inference import infer
@@ -162,7 +162,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 reply = pb.ModelStreamInferResponse(
                     error_message=message,
                     infer_response=pb.ModelInferResponse(
-                        id=request.id, model_name=request.model_name, model_version=request.model_version
+                        id=request.id,
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        # error_message is text only: the status code travels as a parameter clients may read
+                        parameters={STATUS_CODE_PARAMETER: pb.InferParameter(string_param=code.name)},
                     ),
                 )
             answers.put_nowait(reply)

@@ -39,7 +39,8 @@ from client import (
 from client import errors as errors_module
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.client import STATUS_CODE_PARAMETER, RetryPolicy, decode_response, encode_request
+from client.client import RetryPolicy, decode_response, encode_request
+from client.errors import STATUS_CODE_PARAMETER
 from client.tensors import DATATYPES, from_raw, to_raw
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -391,16 +392,22 @@ def test_unimplemented_rpc_raises_unimplemented(fake: tuple[str, FakeServer]) ->
         c.model_config("m")
 
 
-def test_tiny_timeout_raises_deadline_exceeded(fake: tuple[str, FakeServer]) -> None:
-    with Client(fake[0]) as c, pytest.raises(DeadlineExceeded):
-        c.infer("hang", {"x": np.zeros(4, np.float32)}, timeout=1e-6)
+@pytest.mark.parametrize("model", ["hang", "instant"])
+def test_tiny_timeout_raises_deadline_exceeded(fake: tuple[str, FakeServer], model: str) -> None:
+    # An instant echo can beat gRPC's deadline timer; the client then raises for the late answer itself.
+    with Client(fake[0]) as c:
+        for _ in range(20):
+            with pytest.raises(DeadlineExceeded):
+                c.infer(model, {"x": np.zeros(4, np.float32)}, timeout=1e-6)
+        assert c.server_live()  # the client stays usable
 
 
 def test_client_default_timeout_applies() -> None:
     with serving(FakeServer([grpc.StatusCode.UNAVAILABLE] * 10)) as (address, server):
-        client_ = Client(address, retries=3, backoff_s=5.0, max_backoff_s=5.0, timeout_s=0.5)
-        with client_ as c, pytest.raises(Unavailable):
-            c.server_live()  # no per-call timeout: timeout_s bounds the retries
+        # No per-call timeout: timeout_s bounds the retries (without it the client would wait >= 2.5 s and retry).
+        options: ClientOptions = {"retries": 3, "backoff_s": 5.0, "max_backoff_s": 5.0, "timeout_s": 0.5}
+        with Client(address, **options) as c, pytest.raises(Unavailable):
+            c.server_live()
         assert server.live_calls == 1
 
 
@@ -501,6 +508,9 @@ def test_sync_stream_restores_request_order_and_yields_item_errors(fake: tuple[s
         _check_stream(list(c.stream_infer(_stream_requests(20, bad=7))), 20, 7)
         generated = (request for request in _stream_requests(5, bad=2))  # read in a worker thread
         _check_stream(list(c.stream_infer(generated)), 5, 2)
+        abandoned = c.stream_infer(_stream_requests(5, bad=-1))
+        assert not isinstance(next(abandoned), FerryError)
+        abandoned.close()  # cancels the call
         assert c.server_live()  # the client is still usable
 
 
