@@ -22,7 +22,6 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
-    "STATUS_CODE_PARAMETER",
     "Cancelled",
     "DeadlineExceeded",
     "FailedPrecondition",
