@@ -28,6 +28,8 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
+    Callable,
     Coroutine,
     Generator,
     Iterable,
@@ -52,6 +54,7 @@ from client.errors import (
     Unavailable,
     error_for_status,
 )
+from client.multiplex import StreamMultiplexer
 from client.tensors import DATATYPES, datatype_of, from_contents, from_raw, to_raw
 
 __all__ = ["AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"]
@@ -201,6 +204,9 @@ class AsyncClient:
     The channel opens on first use, in the running event loop; use the client from that loop only. Every
     method takes ``timeout`` in seconds (the gRPC deadline; default ``timeout_s``, None = no deadline) and
     raises a ``FerryError`` subclass on failure. Where a response message wraps one field, that is returned.
+
+    ``multiplex=True`` sends ``infer`` calls over one shared ``ModelStreamInfer`` stream instead of one unary call
+    each (see ``client.multiplex``): the same API and errors, with the server's cheaper per-message path.
     """
 
     def __init__(
@@ -217,6 +223,7 @@ class AsyncClient:
         timeout_s: float | None = None,
         max_message_bytes: int = 64 << 20,
         metadata: Sequence[tuple[str, str]] = (),
+        multiplex: bool = False,
     ) -> None:
         if retries < 0 or backoff_s < 0 or max_backoff_s < backoff_s:
             raise ValueError("need retries >= 0 and 0 <= backoff_s <= max_backoff_s")
@@ -241,6 +248,8 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._closed = False
+        self._multiplex = multiplex
+        self._multiplexer: StreamMultiplexer | None = None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -251,6 +260,8 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the channel, cancelling calls in flight. Idempotent."""
         self._closed = True
+        if self._multiplexer is not None:
+            await self._multiplexer.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -331,7 +342,12 @@ class AsyncClient:
     ) -> InferResult:
         """Like ``infer``, but also returns the model name and version that ran and the echoed request id."""
         request = encode_request(InferRequest(model, inputs, version, outputs, request_id, parameters))
-        return decode_response(await self._unary("ModelInfer", request, timeout))
+        if not self._multiplex:
+            return decode_response(await self._unary("ModelInfer", request, timeout))
+        if self._multiplexer is None:
+            self._multiplexer = StreamMultiplexer(self._get_stub(), self._metadata)
+        mux = self._multiplexer
+        return decode_response(await self._retrying("ModelInfer", lambda left: mux.infer(request, left), timeout))
 
     async def stream_infer(
         self,
@@ -384,28 +400,40 @@ class AsyncClient:
         return self._timeout_s if timeout is None else timeout
 
     async def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
-        """Call one unary RPC under one deadline, retrying per ``RetryPolicy``.
+        """Call one unary RPC under one deadline, retrying per ``RetryPolicy``."""
+        rpc = getattr(self._get_stub(), method)
+
+        def send(remaining: float | None) -> Awaitable[Any]:
+            return rpc(request, timeout=remaining, metadata=self._metadata)
+
+        return await self._retrying(method, send, timeout)
+
+    async def _retrying(
+        self, method: str, send: Callable[[float | None], Awaitable[Any]], timeout: float | None
+    ) -> Any:
+        """``send(remaining_s)`` under one deadline, retried per ``RetryPolicy``.
 
         An answer that arrives after the deadline raises DeadlineExceeded too: gRPC's deadline timer can lose
         the race against a fast answer, and the caller's deadline should not depend on who wins it.
         """
-        rpc = getattr(self._get_stub(), method)
         budget = self._timeout(timeout)
         deadline = None if budget is None else time.monotonic() + budget
         attempt = 0
         while True:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                reply = await rpc(request, timeout=remaining, metadata=self._metadata)
+                reply = await send(remaining)
                 if deadline is not None and time.monotonic() > deadline:
                     raise DeadlineExceeded(f"{method}: the answer came after the {budget:g} s deadline")
                 return reply
-            except grpc.aio.AioRpcError as err:
-                error = _error(err)
+            except (grpc.aio.AioRpcError, FerryError) as err:
+                error = err if isinstance(err, FerryError) else _error(err)
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                 wait = self._retry.delay(attempt, error, remaining, self._rng)
                 if wait is None:
+                    if error is err:
+                        raise
                     raise error from err
             await asyncio.sleep(wait)
             attempt += 1
@@ -488,6 +516,7 @@ class ClientOptions(TypedDict, total=False):
     timeout_s: float | None
     max_message_bytes: int
     metadata: Sequence[tuple[str, str]]
+    multiplex: bool
 
 
 class _End:

@@ -53,6 +53,10 @@ class ServerConfig:
     """Requests that may wait per model version and priority level when config.pbtxt leaves ``max_queue_size`` at
     0; past it, requests are rejected at once with UNAVAILABLE."""
 
+    ort_spinning: bool = False
+    """Let idle onnxruntime pool threads spin-wait for work (its default). Off by default: on a small machine the
+    spinning threads take the cores that the event loop and gRPC need between runs."""
+
     strict_readiness: bool = False
     """If true, ServerReady is false while any model failed to load (as Triton's default); if false, the
     server is ready once loading finished, and broken models report themselves through ModelReady."""

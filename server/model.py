@@ -46,6 +46,7 @@ SESSION_PARAMETERS = (
     "inter_op_thread_count",
     "graph_optimization_level",
     "execution_provider",
+    "allow_spinning",
 )
 
 
@@ -55,6 +56,7 @@ class SessionSettings:
     inter_op_threads: int
     graph_optimization_level: str
     execution_provider: str
+    spinning: bool
 
     @classmethod
     def resolve(cls, server: ServerConfig, config: mc.ModelConfig, instances: int = 1) -> SessionSettings:
@@ -85,6 +87,7 @@ class SessionSettings:
             count("inter_op_thread_count", server.inter_op_threads),
             level,
             provider,
+            _flag(params.get("allow_spinning"), server.ort_spinning, f"{where}: allow_spinning"),
         )
 
     def providers(self) -> list[str]:
@@ -100,7 +103,18 @@ class SessionSettings:
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.inter_op_threads
         options.graph_optimization_level = _OPT_LEVELS[self.graph_optimization_level]
+        if not self.spinning:  # idle pool threads sleep instead of spinning on the cores the event loop needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), sess_options=options, providers=self.providers())
+
+
+def _flag(raw: str | None, default: bool, what: str) -> bool:
+    if raw is None:
+        return default
+    if raw.lower() not in ("true", "false", "1", "0"):
+        raise InvalidArgument(f"{what} must be true or false, got {raw!r}")
+    return raw.lower() in ("true", "1")
 
 
 def sha256_of(path: Path) -> str:

@@ -202,3 +202,30 @@ def test_repository_index_lists_the_models(client: Client) -> None:
     index = client.repository_index(ready=True)
     assert {m.name for m in index} >= {"mlp", "tiny", "digits"}
     assert all(m.state == "READY" for m in index)
+
+
+def test_multiplexed_infer_over_one_stream(address: str, example_repo: Path) -> None:
+    """``multiplex=True``: concurrent infer calls share one ModelStreamInfer stream, each with its own answer,
+    errors and deadline."""
+    session = ort.InferenceSession(str(example_repo / "mlp" / "1" / "model.onnx"))
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal((1 + i % 3, 256)).astype(np.float32) for i in range(200)]
+
+    async def run() -> None:
+        async with AsyncClient(address, multiplex=True, timeout_s=30) as client:
+            results = await asyncio.gather(
+                *(client.infer_result("mlp", {"input": x}, request_id=f"c{i}") for i, x in enumerate(inputs))
+            )
+            for i, (x, result) in enumerate(zip(inputs, results, strict=True)):
+                assert result.id == f"c{i}" and result.model_version == "1"
+                np.testing.assert_allclose(result.outputs["output"], session.run(None, {"input": x})[0], rtol=1e-5)
+            before = await client.statistics("mlp")
+            with pytest.raises(InvalidArgument, match="expected shape"):
+                await client.infer("mlp", {"input": np.ones((1, 3), np.float32)})
+            with pytest.raises(NotFound):
+                await client.infer("nope", {"input": inputs[0]})
+            assert (await client.infer("mlp", {"input": inputs[0]}))["output"].shape == (1, 10)
+            after = await client.statistics("mlp")
+            assert after[0].inference_stats.success.count == before[0].inference_stats.success.count + 1
+
+    asyncio.run(run())
