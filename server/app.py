@@ -25,6 +25,7 @@ from client.errors import Unavailable
 from server.cache import ResultCache
 from server.config import ServerConfig
 from server.http import create_http_app
+from server.metrics import FerryCollector, exposition, registry_for
 from server.repository import ModelRepository
 from server.servicer import InferenceServicer
 
@@ -62,6 +63,8 @@ class FerryServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
         servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health)
+        self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
+        self._registry = registry_for(self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -81,7 +84,8 @@ class FerryServer:
         await self.update_health()
 
     async def _start_http(self, port: int) -> None:
-        runner = web.AppRunner(create_http_app(self.repository, self.is_ready), access_log=None)
+        app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry))
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, port)
         try:

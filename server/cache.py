@@ -61,7 +61,7 @@ class ResultCache:
         return len(self._entries)
 
     def stats(self, model: str, version: int) -> VersionCacheStats:
-        return self._stats[(model, version)]
+        return self._stats.get((model, version)) or VersionCacheStats()
 
     async def get_or_run(
         self, key: Key, key_bytes: int, run: Callable[[], Awaitable[list[np.ndarray]]]

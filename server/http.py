@@ -1,7 +1,7 @@
-"""The HTTP listener (aiohttp): the Open Inference Protocol's health endpoints for load balancers and probes.
+"""The HTTP listener (aiohttp): the Open Inference Protocol's health endpoints and Prometheus ``/metrics``.
 
 aiohttp is used because it is a well-kept asyncio HTTP server that can also carry the REST form of the protocol
-and ``/metrics`` on the same port later.
+on the same port later.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from aiohttp import web
 
 from server.repository import ModelRepository
 
+_VERSION_HEADER = {"X-Prometheus-Exposition-Format": "0.0.4"}  # text format 0.0.4, as prometheus_client emits
 
-def create_http_app(repository: ModelRepository, is_ready: Callable[[], bool]) -> web.Application:
+
+def create_http_app(
+    repository: ModelRepository, is_ready: Callable[[], bool], metrics: Callable[[], bytes]
+) -> web.Application:
     def status(ok: bool) -> web.Response:
         return web.Response(status=200 if ok else 503)
 
@@ -26,7 +30,11 @@ def create_http_app(repository: ModelRepository, is_ready: Callable[[], bool]) -
     async def model_ready(request: web.Request) -> web.Response:
         return status(repository.is_ready(request.match_info["model"], request.match_info.get("version", "")))
 
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=metrics(), content_type="text/plain", charset="utf-8", headers=_VERSION_HEADER)
+
     app = web.Application()
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2/models/{model}/ready", model_ready)

@@ -3,12 +3,13 @@ explains a request."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
-from client.errors import DeadlineExceeded, InvalidArgument
+from client.errors import DeadlineExceeded, FerryError, InvalidArgument
 from server.cache import ResultCache, cache_key
 from server.codec import decode_inputs, encode_response, requested_outputs
 from server.repository import ModelRepository
@@ -21,7 +22,7 @@ async def infer(
     model = repository.resolve(request.model_name, request.model_version)
     stats = model.stats
     start = time.perf_counter_ns()
-    ok = False
+    failure: str | None = "INTERNAL"  # until proven otherwise
     try:
         feeds, rows = decode_inputs(request, model)
         names = requested_outputs(request, model)
@@ -36,7 +37,7 @@ async def infer(
             outputs, queued_s = await model.infer(
                 feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s
             )
-            stats.queue.add(int(queued_s * 1e9))
+            stats.record_queue(int(queued_s * 1e9))
             model_ns = time.perf_counter_ns() - began
             return outputs if names is model.output_names else [outputs[model.output_index[n]] for n in names]
 
@@ -48,11 +49,19 @@ async def infer(
             (stats.cache_hit if hit else stats.cache_miss).add(cache_ns)
         else:
             outputs = await run()
+        encoding = time.perf_counter_ns()
         response = encode_response(request, model, names, outputs)
-        ok = True
+        stats.encode_hist.observe(time.perf_counter_ns() - encoding)
+        failure = None
         return response
+    except FerryError as err:
+        failure = err.code.name
+        raise
+    except asyncio.CancelledError:
+        failure = "CANCELLED"
+        raise
     finally:
-        stats.record_request(ok, time.perf_counter_ns() - start)
+        stats.record_request(time.perf_counter_ns() - start, failure)
 
 
 def scheduling(request: pb.ModelInferRequest) -> tuple[int, float | None]:

@@ -180,6 +180,11 @@ class ModelVersion:
         policy = batch_policy(done, server.max_queue_size)
         return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start, policy)
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return self._batcher.queued
+
     def describe(self) -> str:
         return f"model {self.name!r} version {self.version}"
 

@@ -89,6 +89,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         self._repository = repository
         self._cache = cache
+        self.in_flight = 0  # inference requests being handled, for the metrics
         self._is_ready = is_ready
         self._on_change = on_change
         self._load_lock = asyncio.Lock()
@@ -139,7 +140,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await infer(request, self._repository, self._cache, deadline_of(context))
+        self.in_flight += 1
+        try:
+            return await infer(request, self._repository, self._cache, deadline_of(context))
+        finally:
+            self.in_flight -= 1
 
     @rpc
     async def ModelStreamInfer(
@@ -152,6 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
+            self.in_flight += 1
             try:
                 reply = pb.ModelStreamInferResponse(
                     infer_response=await infer(request, self._repository, self._cache, deadline)
@@ -169,6 +175,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         parameters={STATUS_CODE_PARAMETER: pb.InferParameter(string_param=code.name)},
                     ),
                 )
+            finally:
+                self.in_flight -= 1
             answers.put_nowait(reply)
 
         async def read() -> None:
