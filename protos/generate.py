@@ -29,7 +29,7 @@ from grpc_tools import protoc
 PROTO_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_DIR.parent
 DEFAULT_OUT = REPO_ROOT / "client" / "_proto"
-PROTOS = ("model_config.proto", "grpc_service.proto")
+PROTOS = ("model_config.proto", "grpc_service.proto", "ferry.proto")
 MODULES = tuple(name.removesuffix(".proto") + "_pb2" for name in PROTOS)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 

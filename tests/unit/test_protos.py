@@ -18,7 +18,7 @@ import tritonclient.grpc.service_pb2 as triton_service_pb2
 from google.protobuf import descriptor_pb2, text_format
 from google.protobuf.descriptor import FileDescriptor
 
-from client._proto import POOL, grpc_service_pb2, model_config_pb2
+from client._proto import POOL, ferry_pb2, grpc_service_pb2, model_config_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE = REPO_ROOT / "protos" / "generate.py"
@@ -204,6 +204,8 @@ def test_parses_a_config_with_fields_newer_than_tritonclient() -> None:
 def test_ferry_protos_use_a_private_descriptor_pool() -> None:
     assert grpc_service_pb2.DESCRIPTOR.pool is POOL
     assert model_config_pb2.DESCRIPTOR.pool is POOL
+    assert ferry_pb2.DESCRIPTOR.pool is POOL
+    assert ferry_pb2.DESCRIPTOR.package == "ferry.v1"
 
 
 @pytest.mark.parametrize(
