@@ -28,6 +28,7 @@ from server.http import create_http_app
 from server.metrics import FerryCollector, exposition, registry_for
 from server.repository import ModelRepository
 from server.servicer import InferenceServicer
+from server.telemetry import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class FerryServer:
     """One Ferry server: the repository, the gRPC server (inference, health, reflection) and HTTP health."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
+        """``tracing`` defaults to what the OTEL_* environment variables ask for."""
         self.config = config
         self.cache = ResultCache(config.cache_max_bytes)
-        self.repository = ModelRepository(config, on_close=self.cache.drop_version)
+        self.tracing = tracing if tracing is not None else Tracing.from_env()
+        self.repository = ModelRepository(config, on_close=self.cache.drop_version, tracing=self.tracing)
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -62,7 +65,7 @@ class FerryServer:
         self._grpc = server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
-        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health)
+        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
         self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
         self._registry = registry_for(self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
@@ -120,6 +123,7 @@ class FerryServer:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.repository.close()
+        self.tracing.shutdown()
 
     def ready_line(self) -> str:
         models = self.repository.models()

@@ -12,13 +12,20 @@ from client._proto import grpc_service_pb2 as pb
 from client.errors import DeadlineExceeded, FerryError, InvalidArgument
 from server.cache import ResultCache, cache_key
 from server.codec import decode_inputs, encode_response, requested_outputs
+from server.model import BatchInfo, ModelVersion
 from server.repository import ModelRepository
+from server.telemetry import NO_TRACING, Tracing, current_span_context, set_attributes
 
 
 async def infer(
-    request: pb.ModelInferRequest, repository: ModelRepository, cache: ResultCache, deadline: float | None
+    request: pb.ModelInferRequest,
+    repository: ModelRepository,
+    cache: ResultCache,
+    deadline: float | None,
+    tracing: Tracing = NO_TRACING,
 ) -> pb.ModelInferResponse:
-    """Answer one ModelInferRequest. ``deadline`` is on the ``time.monotonic()`` clock (None = no deadline)."""
+    """Answer one ModelInferRequest. ``deadline`` is on the ``time.monotonic()`` clock (None = no deadline).
+    With tracing on, the current span is the request's: its stages are recorded under it when it ends."""
     model = repository.resolve(request.model_name, request.model_version)
     stats = model.stats
     start = time.perf_counter_ns()
@@ -29,30 +36,36 @@ async def infer(
         priority, timeout_s = scheduling(request)
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded(f"{model.describe()}: the caller's deadline passed before the request was queued")
+        decoded = time.perf_counter_ns()
+        span = current_span_context() if tracing.enabled else None
         model_ns = 0
+        batch: BatchInfo | None = None
 
         async def run() -> list[np.ndarray]:
-            nonlocal model_ns
+            nonlocal model_ns, batch
             began = time.perf_counter_ns()
-            outputs, queued_s = await model.infer(
-                feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s
+            outputs, queued_s, batch = await model.infer(
+                feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s, span=span
             )
             stats.record_queue(int(queued_s * 1e9))
             model_ns = time.perf_counter_ns() - began
             return outputs if names is model.output_names else [outputs[model.output_index[n]] for n in names]
 
+        hit = None
         if model.cache_enabled and cache.max_bytes > 0:
             key, key_bytes = cache_key(model.name, model.version, feeds, names)
-            looked = time.perf_counter_ns()
             outputs, hit = await cache.get_or_run(key, key_bytes, run)
-            cache_ns = time.perf_counter_ns() - looked - model_ns
+            cache_ns = time.perf_counter_ns() - decoded - model_ns
             (stats.cache_hit if hit else stats.cache_miss).add(cache_ns)
         else:
             outputs = await run()
         encoding = time.perf_counter_ns()
         response = encode_response(request, model, names, outputs)
-        stats.encode_hist.observe(time.perf_counter_ns() - encoding)
+        done = time.perf_counter_ns()
+        stats.encode_hist.observe(done - encoding)
         failure = None
+        if tracing.enabled:
+            trace_stages(tracing, model, start, decoded, encoding, done, hit, batch)
         return response
     except FerryError as err:
         failure = err.code.name
@@ -62,6 +75,35 @@ async def infer(
         raise
     finally:
         stats.record_request(time.perf_counter_ns() - start, failure)
+
+
+def trace_stages(
+    tracing: Tracing,
+    model: ModelVersion,
+    start: int,
+    decoded: int,
+    encoding: int,
+    done: int,
+    hit: bool | None,
+    batch: BatchInfo | None,
+) -> None:
+    """Record the finished stages of one request under its (current) span."""
+    attributes: dict[str, str | int | bool] = {
+        "ferry.model": model.name,
+        "ferry.model_version": model.version,
+        "ferry.model_sha256": model.sha256,
+    }
+    tracing.stage("decode", start, decoded)
+    if hit is not None:
+        attributes["ferry.cache_hit"] = hit
+        tracing.stage("cache lookup", decoded, encoding if hit else (batch.started_ns if batch else encoding))
+    if batch is not None:
+        attributes["ferry.batch_id"] = batch.batch_id
+        tracing.stage("queue wait", decoded, batch.started_ns)
+        tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns)
+        tracing.stage("model run", batch.preprocessed_ns, batch.computed_ns)
+    tracing.stage("encode", encoding, done)
+    set_attributes(attributes)
 
 
 def scheduling(request: pb.ModelInferRequest) -> tuple[int, float | None]:

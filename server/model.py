@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
 
 from client._proto import model_config_pb2 as mc
 from client.errors import Internal, InvalidArgument, Unavailable
@@ -25,6 +28,7 @@ from server.batching import Batcher, BatchPolicy
 from server.config import GRAPH_OPTIMIZATION_LEVELS, ServerConfig
 from server.modelconfig import GraphTensor, TensorSpec, batch_policy, complete_config, instance_count, tensor_specs
 from server.stats import VersionStats
+from server.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,20 @@ def _graph(args: list[ort.NodeArg]) -> list[GraphTensor]:
     ]
 
 
+@dataclass(slots=True)
+class BatchInfo:
+    """One executed batch, as each of its requests sees it (perf_counter_ns readings)."""
+
+    batch_id: int
+    rows: int
+    requests: int
+    started_ns: int
+    preprocessed_ns: int
+    computed_ns: int
+    done_ns: int
+    span: SpanContext | None = None
+
+
 class ModelVersion:
     """A ready model version. Create with :meth:`load` (blocking: call it off the event loop)."""
 
@@ -143,6 +161,7 @@ class ModelVersion:
         sha256: str,
         load_seconds: float,
         policy: BatchPolicy,
+        tracing: Tracing,
     ) -> None:
         self.name = config.name
         self.version = version
@@ -160,6 +179,8 @@ class ModelVersion:
         self.output_index = {name: i for i, name in enumerate(self.output_names)}
         self.stats = VersionStats()
         self.policy = policy
+        self._tracing = tracing
+        self._batches = 0
         self.cache_enabled = config.response_cache.enable
         self._session = session
         self._fixed_shapes = all(-1 not in t.dims and not t.optional for t in self.inputs)
@@ -168,7 +189,13 @@ class ModelVersion:
 
     @classmethod
     def load(
-        cls, server: ServerConfig, config: mc.ModelConfig, model_name: str, version: int, path: Path
+        cls,
+        server: ServerConfig,
+        config: mc.ModelConfig,
+        model_name: str,
+        version: int,
+        path: Path,
+        tracing: Tracing = NO_TRACING,
     ) -> ModelVersion:
         start = time.perf_counter()
         settings = SessionSettings.resolve(server, config, instance_count(config))
@@ -178,7 +205,7 @@ class ModelVersion:
             raise InvalidArgument(f"onnxruntime cannot load {path}: {err}") from None
         done = complete_config(config, model_name, _graph(session.get_inputs()), _graph(session.get_outputs()))
         policy = batch_policy(done, server.max_queue_size)
-        return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start, policy)
+        return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start, policy, tracing)
 
     @property
     def queued(self) -> int:
@@ -196,25 +223,54 @@ class ModelVersion:
         deadline: float | None = None,
         priority: int = 0,
         timeout_s: float | None = None,
-    ) -> tuple[list[np.ndarray], float]:
-        """Queue one request's feeds for a batch; returns all outputs (in config order) for its rows, and the
-        seconds it spent queued."""
+        span: SpanContext | None = None,
+    ) -> tuple[list[np.ndarray], float, BatchInfo]:
+        """Queue one request's feeds for a batch; returns all outputs (in config order) for its rows, the seconds
+        it spent queued, and the batch it ran in. ``span`` is the request's span, linked from the batch span."""
         signature = None if self._fixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
-        return await self._batcher.submit(
-            feeds, max(rows, 1), signature, deadline=deadline, priority=priority, timeout_s=timeout_s
+        (outputs, info), queued_s = await self._batcher.submit(
+            (feeds, span), max(rows, 1), signature, deadline=deadline, priority=priority, timeout_s=timeout_s
         )
+        return outputs, queued_s, info
 
-    async def _run_batch(self, batch: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    async def _run_batch(
+        self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None]]
+    ) -> list[tuple[list[np.ndarray], BatchInfo]]:
         loop = asyncio.get_running_loop()
+        feeds = [f for f, _ in batch]
         try:
-            results, rows, timings = await loop.run_in_executor(self._executor, self._run_sync, batch)
+            results, rows, (t0, t1, t2, t3) = await loop.run_in_executor(self._executor, self._run_sync, feeds)
         except RuntimeError as err:  # the executor was shut down: the version is unloading
             raise Unavailable(f"{self.describe()} is unloading: {err}") from None
-        self.stats.record_execution(rows, *timings)
-        return results
+        self.stats.record_execution(rows, t1 - t0, t2 - t1, t3 - t2)
+        self._batches += 1
+        info = BatchInfo(self._batches, rows, len(batch), t0, t1, t2, t3)
+        if self._tracing.enabled:
+            info.span = self._trace_batch(info, [span for _, span in batch if span is not None])
+        return [(outputs, info) for outputs in results]
 
-    def _run_sync(self, batch: list[dict[str, np.ndarray]]) -> tuple[list[list[np.ndarray]], int, tuple[int, int, int]]:
-        """In a worker thread: one concatenation per input, one onnxruntime run, outputs split back as views."""
+    def _trace_batch(self, info: BatchInfo, requests: list[SpanContext]) -> SpanContext:
+        attributes = {
+            "ferry.model": self.name,
+            "ferry.model_version": self.version,
+            "ferry.model_sha256": self.sha256,
+            "ferry.batch_id": info.batch_id,
+            "ferry.batch_rows": info.rows,
+            "ferry.batch_requests": info.requests,
+        }
+        links = [Link(context) for context in requests]
+        batch = self._tracing.stage("batch", info.started_ns, info.done_ns, Context(), attributes, links)
+        parent = trace.set_span_in_context(NonRecordingSpan(batch))
+        self._tracing.stage("preprocess", info.started_ns, info.preprocessed_ns, parent)
+        self._tracing.stage("model run", info.preprocessed_ns, info.computed_ns, parent)
+        return batch
+
+    def _run_sync(
+        self, batch: list[dict[str, np.ndarray]]
+    ) -> tuple[list[list[np.ndarray]], int, tuple[int, int, int, int]]:
+        """In a worker thread: one concatenation per input, one onnxruntime run, outputs split back as views.
+        Returns the per-request outputs, the rows, and perf_counter_ns readings at start, after concatenation
+        (and preprocessing), after the run, and at the end."""
         t0 = time.perf_counter_ns()
         one = len(batch) == 1
         feeds = batch[0] if one else {name: np.concatenate([f[name] for f in batch]) for name in batch[0]}
@@ -237,7 +293,7 @@ class ModelVersion:
                     raise Internal(f"{self.describe()}: output {name!r} has {out.shape[:1]} rows for a batch of {rows}")
             bounds = np.cumsum([0, *sizes]).tolist()
             results = [[out[a:b] for out in outputs] for a, b in itertools.pairwise(bounds)]
-        return results, rows, (t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+        return results, rows, (t0, t1, t2, time.perf_counter_ns())
 
     async def close(self) -> None:
         """Fail queued requests, let running batches finish, then stop the executor."""

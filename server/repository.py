@@ -19,6 +19,7 @@ from client.errors import FerryError, InvalidArgument, NotFound, Unavailable
 from server.config import ServerConfig
 from server.model import ModelVersion
 from server.modelconfig import parse_config, select_versions
+from server.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,15 @@ class IndexEntry:
 
 
 class ModelRepository:
-    def __init__(self, config: ServerConfig, on_close: Callable[[str, int], None] = lambda name, version: None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        on_close: Callable[[str, int], None] = lambda name, version: None,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         """``on_close(name, version)`` is called for every version that stops serving (the cache forgets it)."""
         self._config = config
+        self._tracing = tracing
         self._on_close = on_close
         self._root = config.model_repository
         self._models: dict[str, Model] = {}
@@ -65,7 +72,7 @@ class ModelRepository:
     def load_all(self) -> None:
         """Load every model in the repository (blocking; at start, before any model is published)."""
         for path in self.model_dirs():
-            self._publish(_load_model(self._config, path))
+            self._publish(_load_model(self._config, path, self._tracing))
         self.loaded = True
 
     async def load(self, name: str) -> Model:
@@ -73,7 +80,7 @@ class ModelRepository:
         path = self._root / name
         if not path.is_dir():
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
-        model = await asyncio.to_thread(_load_model, self._config, path)
+        model = await asyncio.to_thread(_load_model, self._config, path, self._tracing)
         old = self._publish(model)
         if old is not None:
             await self._close(old)
@@ -159,7 +166,7 @@ def _why(model: Model) -> str:
     )
 
 
-def _load_model(server: ServerConfig, path: Path) -> Model:
+def _load_model(server: ServerConfig, path: Path, tracing: Tracing) -> Model:
     model = Model(path.name)
     try:
         config_path = path / "config.pbtxt"
@@ -177,7 +184,7 @@ def _load_model(server: ServerConfig, path: Path) -> Model:
     for version in chosen:
         try:
             model.versions[version] = ModelVersion.load(
-                server, config, path.name, version, path / str(version) / filename
+                server, config, path.name, version, path / str(version) / filename, tracing
             )
         except (FerryError, OSError) as err:
             model.errors[version] = str(err)

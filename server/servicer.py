@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry.trace import Status, StatusCode
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -20,6 +22,7 @@ from server import __version__
 from server.cache import ResultCache
 from server.inference import infer
 from server.repository import ModelRepository
+from server.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +39,67 @@ def _status_of(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}"
 
 
+# Server-side codes that mark an RPC span as an error (OpenTelemetry RPC conventions); client mistakes do not.
+_SERVER_FAULTS = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+def _end_span(span: Any, code: grpc.StatusCode, message: str) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_FAULTS:
+        span.set_status(Status(StatusCode.ERROR, message))
+
+
 def rpc(fn: F) -> F:
-    """Turn FerryError (and any unexpected exception, as INTERNAL) into the call's gRPC status."""
+    """Turn FerryError (and any unexpected exception, as INTERNAL) into the call's gRPC status; with tracing on,
+    run the call inside its SERVER span."""
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(self, request, context):
-                    yield item
-                return
-            except Exception as err:
-                code, message = _status_of(err, fn.__name__)
-            await context.abort(code, message)
+            tracing: Tracing = self.tracing
+            with contextlib.ExitStack() as stack:
+                span = (
+                    stack.enter_context(tracing.rpc_span(fn.__name__, context.invocation_metadata()))
+                    if (tracing.enabled)
+                    else None
+                )
+                try:
+                    async for item in fn(self, request, context):
+                        yield item
+                    code, message = grpc.StatusCode.OK, ""
+                except Exception as err:
+                    code, message = _status_of(err, fn.__name__)
+                if span is not None:
+                    _end_span(span, code, message)
+            if code != grpc.StatusCode.OK:
+                await context.abort(code, message)
 
         return stream  # type: ignore[return-value]
 
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await fn(self, request, context)
-        except Exception as err:
-            code, message = _status_of(err, fn.__name__)
+        tracing: Tracing = self.tracing
+        if not tracing.enabled:
+            try:
+                return await fn(self, request, context)
+            except Exception as err:
+                code, message = _status_of(err, fn.__name__)
+        else:
+            with tracing.rpc_span(fn.__name__, context.invocation_metadata()) as span:
+                try:
+                    reply = await fn(self, request, context)
+                    _end_span(span, grpc.StatusCode.OK, "")
+                    return reply
+                except Exception as err:
+                    code, message = _status_of(err, fn.__name__)
+                    _end_span(span, code, message)
         await context.abort(code, message)
 
     return unary  # type: ignore[return-value]
@@ -86,10 +128,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         cache: ResultCache,
         is_ready: Callable[[], bool],
         on_change: Callable[[], Awaitable[None]],
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._repository = repository
         self._cache = cache
         self.in_flight = 0  # inference requests being handled, for the metrics
+        self.tracing = tracing
         self._is_ready = is_ready
         self._on_change = on_change
         self._load_lock = asyncio.Lock()
@@ -142,7 +186,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         self.in_flight += 1
         try:
-            return await infer(request, self._repository, self._cache, deadline_of(context))
+            return await infer(request, self._repository, self._cache, deadline_of(context), self.tracing)
         finally:
             self.in_flight -= 1
 
@@ -159,9 +203,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer(request: pb.ModelInferRequest) -> None:
             self.in_flight += 1
             try:
-                reply = pb.ModelStreamInferResponse(
-                    infer_response=await infer(request, self._repository, self._cache, deadline)
-                )
+                reply = pb.ModelStreamInferResponse(infer_response=await self._stream_one(request, deadline))
             except Exception as err:
                 code, message = _status_of(err, "ModelStreamInfer")
                 log.debug("stream request %r failed: %s %s", request.id, code, message)
@@ -199,6 +241,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in tasks:
                 task.cancel()
+
+    async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        """One request of a stream: with tracing on, under a span of its own, a child of the stream's span."""
+        if not self.tracing.enabled:
+            return await infer(request, self._repository, self._cache, deadline)
+        with self.tracing.request_span(request.model_name, request.id):
+            return await infer(request, self._repository, self._cache, deadline, self.tracing)
 
     @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:

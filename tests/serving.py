@@ -14,18 +14,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import FerryServer
 from server.config import ServerConfig
+from server.telemetry import NO_TRACING, Tracing
 
 
 class BackgroundServer:
     """A FerryServer running on its own event loop thread; ``call`` runs a coroutine there."""
 
-    def __init__(self, repository: Path, **overrides: Any) -> None:
+    def __init__(self, repository: Path, tracing: Tracing | None = None, **overrides: Any) -> None:
         settings: dict[str, Any] = {"grpc_port": 0, "http_port": 0, "shutdown_grace_s": 1.0, **overrides}
         self.config = ServerConfig.build(model_repository=repository, **settings)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ferry-test-server", daemon=True)
         self._thread.start()
-        self.server = FerryServer(self.config)
+        self.server = FerryServer(self.config, tracing or NO_TRACING)
 
     def call(self, coro: Any, timeout: float = 120) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -64,8 +65,10 @@ def running_server(model_repository: Path, **overrides: Any) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def background_server(model_repository: Path, **overrides: Any) -> Iterator[BackgroundServer]:
-    server = BackgroundServer(model_repository, **overrides)
+def background_server(
+    model_repository: Path, tracing: Tracing | None = None, **overrides: Any
+) -> Iterator[BackgroundServer]:
+    server = BackgroundServer(model_repository, tracing, **overrides)
     try:
         server.start()
         yield server

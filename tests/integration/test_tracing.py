@@ -1,0 +1,211 @@
+"""OpenTelemetry tracing through a real server: span structure with the SDK's in-memory exporter, and a real
+OTLP/gRPC round trip to a trace receiver started inside the test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from client._proto import grpc_service_pb2_grpc as pb_grpc
+from server.telemetry import Tracing
+from tests.integration.test_rpcs import request_for
+from tests.serving import BackgroundServer, background_server
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_ID = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+@pytest.fixture(scope="module")
+def traced(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[BackgroundServer, InMemorySpanExporter]]:
+    root = tmp_path_factory.mktemp("traced")
+    shutil.copytree(example_repo / "mlp" / "1", root / "mlp" / "1")
+    (root / "mlp" / "config.pbtxt").write_text(
+        "max_batch_size: 64\ndynamic_batching { max_queue_delay_microseconds: 20000 preferred_batch_size: [ 8 ] }\n"
+    )
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with background_server(root, Tracing(provider), http_port=None) as running:
+        yield running, exporter
+
+
+def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name]
+
+
+def test_rpc_span_continues_the_callers_trace_with_stage_children(
+    traced: tuple[BackgroundServer, InMemorySpanExporter],
+) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(
+            request_for("mlp", {"input": np.ones((1, 256), np.float32)}), metadata=[("traceparent", TRACEPARENT)]
+        )
+    spans = exporter.get_finished_spans()
+    (rpc,) = by_name(spans, "inference.GRPCInferenceService/ModelInfer")
+    assert rpc.kind == SpanKind.SERVER
+    assert format(rpc.context.trace_id, "032x") == TRACE_ID
+    assert rpc.parent is not None and format(rpc.parent.span_id, "016x") == PARENT_ID
+    assert rpc.attributes is not None
+    assert rpc.attributes["rpc.system"] == "grpc"
+    assert rpc.attributes["rpc.service"] == "inference.GRPCInferenceService"
+    assert rpc.attributes["rpc.method"] == "ModelInfer"
+    assert rpc.attributes["rpc.grpc.status_code"] == 0
+    assert rpc.attributes["ferry.model"] == "mlp" and rpc.attributes["ferry.model_version"] == 1
+    assert len(str(rpc.attributes["ferry.model_sha256"])) == 64
+    for stage in ("decode", "queue wait", "preprocess", "model run", "encode"):
+        children = [s for s in by_name(spans, stage) if s.parent and s.parent.span_id == rpc.context.span_id]
+        assert len(children) == 1, stage
+        assert children[0].start_time <= children[0].end_time  # type: ignore[operator]
+    (batch,) = by_name(spans, "batch")
+    assert batch.attributes is not None and batch.attributes["ferry.batch_id"] == rpc.attributes["ferry.batch_id"]
+    assert [link.context.span_id for link in batch.links] == [rpc.context.span_id]
+
+
+def test_one_batch_span_links_every_request_it_served(traced: tuple[BackgroundServer, InMemorySpanExporter]) -> None:
+    server, exporter = traced
+    exporter.clear()
+
+    async def fire() -> None:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            x = np.ones((2, 256), np.float32)
+            await asyncio.gather(*(stub.ModelInfer(request_for("mlp", {"input": x})) for _ in range(4)))
+
+    asyncio.run(fire())  # 4 requests of 2 rows reach the preferred size 8 inside the 20 ms window
+    spans = exporter.get_finished_spans()
+    requests = by_name(spans, "inference.GRPCInferenceService/ModelInfer")
+    batches = by_name(spans, "batch")
+    assert len(requests) == 4
+    linked = {link.context.span_id for batch in batches for link in batch.links}
+    assert linked == {r.context.span_id for r in requests}
+    for batch in batches:
+        assert batch.attributes is not None
+        assert batch.attributes["ferry.batch_rows"] == 2 * batch.attributes["ferry.batch_requests"]
+        served = [
+            r for r in requests if r.attributes and r.attributes["ferry.batch_id"] == batch.attributes["ferry.batch_id"]
+        ]
+        assert len(served) == batch.attributes["ferry.batch_requests"] == len(batch.links)
+
+
+def test_failed_rpc_span_records_its_status(traced: tuple[BackgroundServer, InMemorySpanExporter]) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request_for("nope", {"input": np.ones((1, 256), np.float32)})
+        )
+    (rpc,) = by_name(exporter.get_finished_spans(), "inference.GRPCInferenceService/ModelInfer")
+    assert rpc.attributes is not None and rpc.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert rpc.status.is_unset  # NOT_FOUND is the caller's mistake: not a server error by the RPC conventions
+
+
+def test_stream_requests_get_spans_under_the_stream(traced: tuple[BackgroundServer, InMemorySpanExporter]) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        requests = [request_for("mlp", {"input": np.ones((1, 256), np.float32)}, id=f"s{i}") for i in range(3)]
+        replies = list(stub.ModelStreamInfer(iter(requests), timeout=30))
+    assert len(replies) == 3
+    spans = exporter.get_finished_spans()
+    (stream,) = by_name(spans, "inference.GRPCInferenceService/ModelStreamInfer")
+    children = [
+        s for s in by_name(spans, "ModelStreamInfer request") if s.parent and s.parent.span_id == stream.context.span_id
+    ]
+    assert len(children) == 3
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver: what a collector would be, in the test."""
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue[trace_service_pb2.ExportTraceServiceRequest] = queue.Queue()
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:
+        self.requests.put(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_spans_reach_an_otlp_receiver_over_grpc(example_repo: Path) -> None:
+    receiver = Receiver()
+    collector = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+    port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    env = {
+        **os.environ,
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_SERVICE_NAME": "ferry-under-test",
+        "OTEL_TRACES_SAMPLER": "always_on",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--model-repository",
+        str(example_repo),
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "-1",
+    ]
+    try:
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                address = "127.0.0.1:" + line.split("grpc=127.0.0.1:")[1].split()[0]
+                with grpc.insecure_channel(address) as channel:
+                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                    stub.ModelInfer(
+                        request_for("tiny", {"input": np.ones((1, 16), np.float32)}),
+                        metadata=[("traceparent", TRACEPARENT)],
+                    )
+                proc.send_signal(signal.SIGTERM)  # shutdown flushes the batch span processor
+                assert proc.wait(timeout=30) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        names: set[str] = set()
+        services: set[str] = set()
+        trace_ids: set[str] = set()
+        while not receiver.requests.empty():
+            for resource_spans in receiver.requests.get().resource_spans:
+                for attribute in resource_spans.resource.attributes:
+                    if attribute.key == "service.name":
+                        services.add(attribute.value.string_value)
+                for scope_spans in resource_spans.scope_spans:
+                    for span in scope_spans.spans:
+                        names.add(span.name)
+                        trace_ids.add(span.trace_id.hex())
+        assert "inference.GRPCInferenceService/ModelInfer" in names and {"decode", "model run", "batch"} <= names
+        assert services == {"ferry-under-test"}
+        assert TRACE_ID in trace_ids
+    finally:
+        collector.stop(0)
