@@ -53,7 +53,7 @@ class Histogram:
         """(le, cumulative count) pairs ending with +Inf, as Prometheus exposes them."""
         total = 0
         out = []
-        for bound, count in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+        for bound, count in zip([*(str(float(b)) for b in self.bounds), "+Inf"], self.counts, strict=True):
             total += count
             out.append((bound, total))
         return out
