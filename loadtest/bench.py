@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import queue
 import re
@@ -36,6 +37,7 @@ import grpc
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
+from client.tensors import DATATYPES
 from loadtest import perf_analyzer, raw_ort
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +61,10 @@ class Settings:
     def quick(cls) -> Settings:
         return cls(measurement_ms=500, trials=3, rounds=1, raw_seconds=0.3)
 
+    def perf_timeout_s(self) -> float:
+        """A perf_analyzer run lasts about (trials + 1) windows; a server that stops answering fails the run."""
+        return 60 + 4 * self.trials * self.measurement_ms / 1000
+
     def perf_extra(self) -> list[str]:
         # --stability-percentage 999: every run measures exactly `trials` windows and reports their average.
         return ["--max-trials", str(self.trials), "--stability-percentage", "999"]
@@ -78,9 +84,12 @@ class Running:
 def serving(name: str, cmd: Sequence[str], ready_prefix: str, log: IO[str]) -> Iterator[Running]:
     """Start ``cmd``, wait for its ready line on stdout (``... grpc=HOST:PORT ...``), stop it in ``finally``."""
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    drain = threading.Thread(target=_drain, args=(proc.stdout, lines), name=f"{name}-stdout", daemon=True)
+    drain.start()
     try:
-        address = _await_ready(proc, ready_prefix)
-        yield Running(name, proc.pid, address)
+        yield Running(name, proc.pid, _await_ready(shlex.join(cmd), lines, ready_prefix))
     finally:
         proc.terminate()
         try:
@@ -88,19 +97,18 @@ def serving(name: str, cmd: Sequence[str], ready_prefix: str, log: IO[str]) -> I
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        drain.join(5)
+        proc.stdout.close()
 
 
-def _await_ready(proc: subprocess.Popen[str], prefix: str) -> str:
-    what = shlex.join(str(a) for a in proc.args) if isinstance(proc.args, list) else repr(proc.args)
-    lines: queue.Queue[str | None] = queue.Queue()
+def _drain(stdout: IO[str], lines: queue.Queue[str | None]) -> None:
+    """Keep reading, so that a chatty server never blocks on a full pipe; None marks the end."""
+    for line in stdout:
+        lines.put(line)
+    lines.put(None)
 
-    def drain() -> None:  # keeps reading, so a chatty server never blocks on a full pipe
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
 
-    threading.Thread(target=drain, daemon=True).start()
+def _await_ready(what: str, lines: queue.Queue[str | None], prefix: str) -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while (left := deadline - time.monotonic()) > 0:
         try:
@@ -108,7 +116,7 @@ def _await_ready(proc: subprocess.Popen[str], prefix: str) -> str:
         except queue.Empty:
             break
         if line is None:
-            raise RuntimeError(f"{what} exited with {proc.wait()} before it was ready (see the bench log)")
+            raise RuntimeError(f"{what} exited before it was ready (its stderr is in the bench log)")
         found = re.search(r"grpc=([\w.\-]+:\d+)", line)
         if line.startswith(prefix) and found:
             return found.group(1)
@@ -136,19 +144,54 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def ferry_stats(address: str, model: str) -> dict[str, int]:
-    """Ferry's cumulative ModelStatistics for ``model``: request count and ns per stage."""
+    """Ferry's cumulative ModelStatistics for ``model``: requests, executions, rows, and ns per stage."""
     with grpc.insecure_channel(address) as channel:
         reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
             pb.ModelStatisticsRequest(name=model), timeout=10
         )
-    out = {"count": 0, "success_ns": 0, **{f"{p}_ns": 0 for p in STAT_PARTS}}
+    out = {"count": 0, "executions": 0, "rows": 0, "success_ns": 0, **{f"{p}_ns": 0 for p in STAT_PARTS}}
     for version in reply.model_stats:
         s = version.inference_stats
         out["count"] += s.success.count
+        out["executions"] += version.execution_count
+        out["rows"] += version.inference_count
         out["success_ns"] += s.success.ns
         for part in STAT_PARTS:
             out[f"{part}_ns"] += getattr(s, part).ns
     return out
+
+
+def stage_times(before: dict[str, int], after: dict[str, int]) -> dict[str, float] | None:
+    """Triton's statistics semantics: ``success`` and ``queue`` are per request, ``compute_*`` per model
+    execution (one batch). ``loop_rest`` is what a request spends in Ferry's infer() besides waiting in the queue
+    and its batch's execution: decoding, encoding, handing the batch to the worker thread and back."""
+    d = {k: after[k] - before[k] for k in after}
+    if d["count"] <= 0 or d["executions"] <= 0:
+        return None
+    us = {"success": d["success_ns"] / d["count"] / 1e3, "queue": d["queue_ns"] / d["count"] / 1e3}
+    for part in STAT_PARTS[1:]:
+        us[part] = d[f"{part}_ns"] / d["executions"] / 1e3
+    us["rows_per_execution"] = d["rows"] / d["executions"]
+    us["loop_rest"] = us["success"] - us["queue"] - sum(us[p] for p in STAT_PARTS[1:])
+    return us
+
+
+def check_answers(server: Running, model: str, timeout_s: float = 20) -> None:
+    """One ModelInfer of one row of zeros, so that a server that does not answer fails fast and says so."""
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=timeout_s, wait_for_ready=True)
+            request = pb.ModelInferRequest(model_name=model, id="bench-check")
+            for t in meta.inputs:
+                shape = [1 if d < 0 else d for d in t.shape]
+                request.inputs.add(name=t.name, datatype=t.datatype, shape=shape)
+                request.raw_input_contents.append(bytes(math.prod(shape) * DATATYPES[t.datatype].itemsize))
+            reply = stub.ModelInfer(request, timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise RuntimeError(f"{server.name} at {server.address} did not answer {model}: {err}") from None
+    if reply.id != "bench-check" or len(reply.raw_output_contents) != len(meta.outputs):
+        raise RuntimeError(f"{server.name} at {server.address} answered {model} wrongly: {reply}")
 
 
 # --- measurements --------------------------------------------------------------------------------------------
@@ -166,34 +209,38 @@ def measure(
     before_stats = stats() if stats else None
     cpu0, t0 = cpu_seconds(server.pid), time.perf_counter()
     steps = perf_analyzer.run(server.address, model, [concurrency], streaming=streaming,
-                              measurement_ms=settings.measurement_ms, extra=settings.perf_extra())  # fmt: skip
+                              measurement_ms=settings.measurement_ms, extra=settings.perf_extra(),
+                              timeout_s=settings.perf_timeout_s())  # fmt: skip
     wall_s, cpu1 = time.perf_counter() - t0, cpu_seconds(server.pid)
     if len(steps) != 1:
         raise RuntimeError(f"perf_analyzer reported {len(steps)} steps for concurrency {concurrency}")
-    result: dict[str, Any] = {"server": server.name, **asdict(steps[0]), "wall_s": round(wall_s, 3)}
-    # perf_analyzer keeps the load on for its whole run, so requests ~ infer/s x wall time (checked against
-    # Ferry's exact count below); the server is idle outside the run, so its CPU time belongs to those requests.
-    served = steps[0].infer_per_s * wall_s
+    step = steps[0]
+    result: dict[str, Any] = {"server": server.name, **asdict(step), "wall_s": round(wall_s, 3)}
+    # Closed loop: mean latency = concurrency / throughput (Little's law). perf_analyzer's own average is a sum of
+    # parts that needs server statistics, which the echo server does not offer.
+    result["mean_latency_us"] = concurrency / step.infer_per_s * 1e6 if step.infer_per_s > 0 else float("nan")
+    # perf_analyzer keeps the load on for its whole run, so requests ~ infer/s x wall time (within a few % of
+    # Ferry's exact count); the server is idle outside the run, so its CPU time belongs to those requests.
+    served = step.infer_per_s * wall_s
+    result["served_estimate"] = round(served)
+    if stats and before_stats is not None:
+        after = stats()
+        served = result["server_count"] = after["count"] - before_stats["count"]
+        stages = stage_times(before_stats, after)
+        if stages is not None:
+            result["server_us"] = stages
     if cpu0 is not None and cpu1 is not None and served > 0:
         result["server_cpu_s"] = round(cpu1 - cpu0, 3)
         result["server_cpu_us_per_infer"] = (cpu1 - cpu0) / served * 1e6
-    if stats and before_stats is not None:
-        after = stats()
-        n = after["count"] - before_stats["count"]
-        result["server_count"] = n
-        result["served_estimate"] = round(served)
-        if n > 0:
-            keys = ["success_ns", *(f"{p}_ns" for p in STAT_PARTS)]
-            result["server_us"] = {k[:-3]: (after[k] - before_stats[k]) / n / 1000 for k in keys}
     print(f"  {server.name:5} {model:4} {'stream' if streaming else 'unary':6} c={concurrency:<3} "
-          f"{steps[0].infer_per_s:9.1f} infer/s  p50 {steps[0].p50_us:7.0f} µs  p99 {steps[0].p99_us:7.0f} µs",
+          f"{step.infer_per_s:9.1f} infer/s  p50 {step.p50_us:7.0f} µs  p99 {step.p99_us:7.0f} µs",
           flush=True)  # fmt: skip
     return result
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of repeated runs of one server in one case."""
-    keys = ("infer_per_s", "p50_us", "p99_us", "avg_us", "server_cpu_us_per_infer")
+    keys = ("infer_per_s", "p50_us", "p99_us", "mean_latency_us", "server_cpu_us_per_infer")
     out: dict[str, Any] = {k: statistics.fmean(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
     breakdowns = [r["server_us"] for r in runs if "server_us" in r]
     if breakdowns:
@@ -235,6 +282,8 @@ def bench_model(models: Path, model: str, ferry: Running, settings: Settings, lo
     raw_runs = [raw_rows(path, settings)]
     cases = []
     with serving("echo", echo_command(models, model), "echo ready:", log) as echo:
+        check_answers(echo, model)
+        check_answers(ferry, model)
         for c in CONCURRENCY:
             cases.append(run_case(echo, ferry, model, c, False, settings))
         cases.append(run_case(echo, ferry, model, STREAM_CONCURRENCY, True, settings))
@@ -278,14 +327,18 @@ def _n(x: float) -> str:
 
 def render(results: dict[str, Any]) -> str:
     s, m = results["settings"], results["machine"]
+    load = results.get("load_average_1m", {"start": float("nan"), "end": float("nan")})
     lines = [
         f"Measured {results['date']} on {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, "
         f"perf_analyzer {results['perf_analyzer']} on the same machine, batch 1, random FP32 input.",
         "",
-        f"Command: `{results['command']}` ({results['duration_s']:.0f} s). perf_analyzer: "
+        f"Command: `{results['command']}` ({results['duration_s']:.0f} s; 1-minute load average "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end). perf_analyzer: "
         f"`--measurement-interval {s['measurement_ms']} --max-trials {s['trials']} --stability-percentage 999` "
         f"(each figure is the mean of {s['trials']} windows), {s['rounds']} round(s) per case, echo and Ferry back "
-        "to back (ABBA). Ratios compare figures from this run only.",
+        "to back, their order alternating by round (E F, F E); figures are means over rounds. Both servers run "
+        "with their defaults on uvloop, in their own process. Ratios compare figures from this run only; "
+        "*raw b1* is raw onnxruntime's batch-1 rows/s.",
         "",
         "**Raw onnxruntime** (in-process `session.run`, rows/s; the compute ceiling):",
         "",
@@ -296,42 +349,48 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| {model} | " + " | ".join(_n(r["raw_ort_rows_per_s"][str(b)]) for b in RAW_BATCHES) + " |")
     lines += [
         "",
-        "**Ferry against the bare grpc.aio echo server E** (infer/s; latencies µs; server CPU µs per inference):",
+        "**Ferry against the bare grpc.aio echo server E** (perf_analyzer, infer/s; latencies in µs):",
         "",
-        "| model | mode | conc. | E infer/s | Ferry infer/s | Ferry ÷ E (rounds) | Ferry ÷ raw b1 "
-        "| E p50 / p99 | Ferry p50 / p99 | CPU/infer E / Ferry |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | mode | conc. | E infer/s | Ferry infer/s | Ferry ÷ E (per round) | Ferry ÷ raw b1 "
+        "| E p50 / p99 | Ferry p50 / p99 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, r in results["models"].items():
         for c in r["cases"]:
             e, f = c["echo"], c["ferry"]
             rounds = ", ".join(f"{x:.2f}" for x in c["ferry_over_echo_per_round"])
-            cpu = (f"{e['server_cpu_us_per_infer']:.0f} / {f['server_cpu_us_per_infer']:.0f}"
-                   if "server_cpu_us_per_infer" in e and "server_cpu_us_per_infer" in f else "n/a")  # fmt: skip
             lines.append(
                 f"| {model} | {c['mode']} | {c['concurrency']} | {_n(e['infer_per_s'])} | {_n(f['infer_per_s'])} "
                 f"| **{c['ferry_over_echo']:.2f}** ({rounds}) | {c['ferry_over_raw_b1']:.2f} "
-                f"| {e['p50_us']:,.0f} / {e['p99_us']:,.0f} | {f['p50_us']:,.0f} / {f['p99_us']:,.0f} | {cpu} |"
+                f"| {e['p50_us']:,.0f} / {e['p99_us']:,.0f} | {f['p50_us']:,.0f} / {f['p99_us']:,.0f} |"
             )
     lines += [
         "",
-        "**Where Ferry's time goes** (µs per request, mean; server-side stages from Ferry's `ModelStatistics`; "
-        "*outside* = perf_analyzer's average latency minus Ferry's `infer()` time: gRPC, HTTP/2, the event loop, "
-        "the client):",
+        "**Where the time goes** (µs, means). *Mean latency* is concurrency ÷ throughput (closed loop). The "
+        "Ferry columns come from its `ModelStatistics` (Triton's semantics): `infer()` is a request's whole time in "
+        "Ferry's `infer()`, *queue* its wait for a batch to start; *input*, *run* and *output* are per model "
+        "execution (gather, onnxruntime, split, in the worker thread; rows/exec. is the mean batch); *loop rest* "
+        "is `infer()` minus queue and execution: decode, encode, the hand-off to the worker thread and back. "
+        "*Outside* is Ferry's mean latency minus `infer()`: gRPC and HTTP/2 in both processes, waiting for the "
+        "event loop, the client. *Server CPU* is the server process's CPU time (all threads, /proc) per request "
+        "(Ferry's exact count; E's estimated as throughput times run time).",
         "",
-        "| model | mode | conc. | client avg | `infer()` | decode | executor queue | onnxruntime | encode | outside "
-        "| E client avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | mode | conc. | mean latency E / Ferry | Ferry `infer()` | queue | input | run | output "
+        "| rows/exec. | loop rest | outside | server CPU E / Ferry |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, r in results["models"].items():
         for c in r["cases"]:
-            f, b = c["ferry"], c["ferry"].get("server_us")
+            e, f, b = c["echo"], c["ferry"], c["ferry"].get("server_us")
             if not b:
                 continue
+            cpu = (f"{e['server_cpu_us_per_infer']:,.0f} / {f['server_cpu_us_per_infer']:,.0f}"
+                   if "server_cpu_us_per_infer" in e and "server_cpu_us_per_infer" in f else "n/a")  # fmt: skip
             lines.append(
-                f"| {model} | {c['mode']} | {c['concurrency']} | {f['avg_us']:,.0f} | {b['success']:,.0f} "
-                f"| {b['compute_input']:.0f} | {b['queue']:,.0f} | {b['compute_infer']:,.0f} "
-                f"| {b['compute_output']:.0f} | {f['avg_us'] - b['success']:,.0f} | {c['echo']['avg_us']:,.0f} |"
+                f"| {model} | {c['mode']} | {c['concurrency']} | {e['mean_latency_us']:,.0f} / "
+                f"{f['mean_latency_us']:,.0f} | {b['success']:,.0f} | {b['queue']:,.0f} | {b['compute_input']:.0f} "
+                f"| {b['compute_infer']:,.0f} | {b['compute_output']:.0f} | {b['rows_per_execution']:.2f} "
+                f"| {b['loop_rest']:,.0f} | {f['mean_latency_us'] - b['success']:,.0f} | {cpu} |"
             )
     return "\n".join(lines)
 
@@ -360,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = args.doc or (None if args.quick else ROOT / "BENCHMARKS.md")
     models = args.models.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
@@ -374,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{model}:", flush=True)
             results["models"][model] = bench_model(models, model, f, settings, log)
     results["duration_s"] = time.perf_counter() - started
+    results["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     section = render(results)
     print(section)
@@ -388,7 +448,7 @@ def _perf_analyzer_version() -> str:
     if path is None:
         return "unknown"
     proc = subprocess.run([str(path), "--version"], capture_output=True, text=True, env=perf_analyzer.environment())
-    found = re.search(r"Version (\S+)", proc.stdout)
+    found = re.search(r"Version (\S+)", proc.stdout + proc.stderr)
     return found.group(1) if found else "unknown"
 
 

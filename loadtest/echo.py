@@ -1,6 +1,6 @@
 """A bare ``grpc.aio`` echo server speaking ``inference.GRPCInferenceService``: the per-request-cost ceiling.
 
-It describes one real model (metadata and config read once, at start, through Ferry's own repository code), and
+It describes one real model (metadata and config read once, at start, through Ferry's own model loading code), and
 answers ``ModelInfer`` and ``ModelStreamInfer`` without running anything: each output is a block of zeros of the
 right shape for the request's batch size, prepared once per batch size. What is left is the cost every gRPC server in
 Python pays per call (HTTP/2, the aio machinery, protobuf parse and serialize), so Ferry's throughput divided by
@@ -24,21 +24,30 @@ import grpc
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
+from client._proto import model_config_pb2 as mc
 from server.app import run
 from server.config import ServerConfig
 from server.model import ModelVersion
-from server.repository import ModelRepository
+from server.modelconfig import parse_config
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # Ferry's default limit, so both servers take the same messages
 
 
 def load_version(model_repository: Path, model: str) -> ModelVersion:
-    """The highest loaded version of ``model``, read the way Ferry reads it (config completed from the graph)."""
-    repository = ModelRepository(ServerConfig.build(model_repository=model_repository))
-    loaded = repository.load(model).latest
-    if loaded is None:
-        raise SystemExit(f"echo: model {model!r} did not load from {model_repository}")
-    return loaded
+    """The highest version of ``model``, loaded the way Ferry loads one (config completed from the ONNX graph), so
+    the metadata and config the echo server answers are Ferry's. No model ever runs on it."""
+    path = model_repository / model
+    config_path = path / "config.pbtxt"
+    config = parse_config(config_path.read_text(), str(config_path)) if config_path.exists() else mc.ModelConfig()
+    filename = config.default_model_filename or "model.onnx"
+    found = (
+        [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / filename).is_file()] if path.is_dir() else []
+    )
+    if not found:
+        raise SystemExit(f"echo: no {model}/<version>/{filename} in {model_repository}")
+    version = max(found)
+    server = ServerConfig.build(model_repository=model_repository)
+    return ModelVersion.load(server, config, model, version, path / str(version) / filename)
 
 
 class EchoServicer(pb_grpc.GRPCInferenceServiceServicer):
