@@ -94,6 +94,7 @@ def test_cache_hits_skip_the_model_and_reload_forgets_them(server: BackgroundSer
         np.testing.assert_array_equal(outputs_of(again)["output"], first)
         after = statistics(stub, "tiny")
         assert after.inference_stats.cache_hit.count == before.inference_stats.cache_hit.count + 1
+        assert after.inference_stats.queue.count == before.inference_stats.queue.count + 1  # Triton counts hits
         assert after.execution_count == before.execution_count
         other = stub.ModelInfer(request_for("tiny", {"input": x + 1}))
         assert not np.array_equal(outputs_of(other)["output"], first)
