@@ -34,11 +34,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    from loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
+
+    add_arguments(commands.add_parser("loadtest", help="load-test a server, find its capacity, plan replicas"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "loadtest":
+        from loadtest.cli import run as loadtest
+
+        return loadtest(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig.build(
