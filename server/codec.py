@@ -14,62 +14,72 @@ from client._proto import grpc_service_pb2 as pb
 from client.errors import InvalidArgument
 from client.tensors import from_contents, from_raw, to_raw
 from server.model import ModelVersion
-from server.modelconfig import TensorSpec
 
 
 def decode_inputs(request: pb.ModelInferRequest, model: ModelVersion) -> tuple[dict[str, np.ndarray], int]:
     """The model's feeds from a request, and its row count (0 for a model without a batch dimension)."""
-    where = model.describe()
     raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
+    inputs = request.inputs
+    if raw and len(raw) != len(inputs):
         raise InvalidArgument(
-            f"{where}: {len(raw)} raw_input_contents for {len(request.inputs)} inputs; send one per input"
+            f"{model.describe()}: {len(raw)} raw_input_contents for {len(inputs)} inputs; send one per input"
         )
+    specs = model.input_by_name
+    mbs = model.max_batch_size
     feeds: dict[str, np.ndarray] = {}
-    rows: int | None = None
-    for i, tensor in enumerate(request.inputs):
-        spec = model.input_by_name.get(tensor.name)
-        what = f"{where} input {tensor.name!r}"
+    rows = -1
+    for i, tensor in enumerate(inputs):
+        name = tensor.name
+        spec = specs.get(name)
         if spec is None:
-            raise InvalidArgument(f"{where}: unexpected input {tensor.name!r}; inputs are {list(model.input_by_name)}")
-        if tensor.name in feeds:
-            raise InvalidArgument(f"{what}: given more than once")
-        if tensor.datatype != spec.datatype.name:
-            raise InvalidArgument(f"{what}: expected datatype {spec.datatype.name}, got {tensor.datatype!r}")
+            raise InvalidArgument(f"{model.describe()}: unexpected input {name!r}; inputs are {list(specs)}")
+        if name in feeds:
+            raise InvalidArgument(f"{_what(model, name)}: given more than once")
+        datatype = spec.datatype
+        if tensor.datatype != datatype.name:
+            raise InvalidArgument(f"{_what(model, name)}: expected datatype {datatype.name}, got {tensor.datatype!r}")
         shape = list(tensor.shape)
-        batch = _check_shape(spec, shape, model.max_batch_size, what)
-        if rows is None:
-            rows = batch
-        elif batch != rows:
-            raise InvalidArgument(f"{what}: batch size {batch} differs from the other inputs' {rows}")
+        expected = spec.wire
+        if len(shape) != len(expected) or any(d < 0 or e not in (-1, d) for e, d in zip(expected, shape)):  # noqa: B905
+            raise _shape_error(shape, expected, _what(model, name))
+        if mbs > 0:
+            batch = shape[0]
+            if not 1 <= batch <= mbs:
+                raise InvalidArgument(f"{_what(model, name)}: batch size {batch} is outside 1..{mbs} (max_batch_size)")
+            if rows < 0:
+                rows = batch
+            elif batch != rows:
+                raise InvalidArgument(f"{_what(model, name)}: batch size {batch} differs from the other inputs' {rows}")
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidArgument(f"{what}: contents must not be set when the request uses raw_input_contents")
-            array = from_raw(raw[i], spec.datatype, shape, what)
+                raise InvalidArgument(
+                    f"{_what(model, name)}: contents must not be set when the request uses raw_input_contents"
+                )
+            array = from_raw(raw[i], datatype, shape, _what(model, name))
         elif tensor.HasField("contents"):
-            array = from_contents(tensor.contents, spec.datatype, shape, what)
+            array = from_contents(tensor.contents, datatype, shape, _what(model, name))
         else:
-            raise InvalidArgument(f"{what}: no data (neither raw_input_contents nor contents)")
-        feeds[tensor.name] = _as_strings(array, what) if spec.datatype.name == "BYTES" else array
-    missing = [t.name for t in model.inputs if t.name not in feeds and not t.optional]
-    if missing:
-        raise InvalidArgument(f"{where}: missing inputs {missing}")
-    return feeds, rows or 0
+            raise InvalidArgument(f"{_what(model, name)}: no data (neither raw_input_contents nor contents)")
+        feeds[name] = _as_strings(array, _what(model, name)) if datatype.name == "BYTES" else array
+    if len(feeds) != len(model.inputs):
+        missing = [t.name for t in model.inputs if t.name not in feeds and not t.optional]
+        if missing:
+            raise InvalidArgument(f"{model.describe()}: missing inputs {missing}")
+    return feeds, max(rows, 0)
 
 
-def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int, what: str) -> int:
-    expected = spec.wire_shape(max_batch_size)
+def _what(model: ModelVersion, name: str) -> str:
+    """How an error names a tensor (built only when there is an error to report)."""
+    return f"{model.describe()} input {name!r}"
+
+
+def _shape_error(shape: list[int], expected: tuple[int, ...], what: str) -> InvalidArgument:
+    wanted = list(expected)
     if len(shape) != len(expected):
-        raise InvalidArgument(f"{what}: expected shape {expected} (rank {len(expected)}), got {shape}")
+        return InvalidArgument(f"{what}: expected shape {wanted} (rank {len(expected)}), got {shape}")
     if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: shape {shape} has a negative dimension")
-    if any(e not in (-1, d) for e, d in zip(expected, shape, strict=True)):
-        raise InvalidArgument(f"{what}: expected shape {expected}, got {shape}")
-    if max_batch_size <= 0:
-        return 0
-    if not 1 <= shape[0] <= max_batch_size:
-        raise InvalidArgument(f"{what}: batch size {shape[0]} is outside 1..{max_batch_size} (max_batch_size)")
-    return shape[0]
+        return InvalidArgument(f"{what}: shape {shape} has a negative dimension")
+    return InvalidArgument(f"{what}: expected shape {wanted}, got {shape}")
 
 
 def _as_strings(array: np.ndarray, what: str) -> np.ndarray:

@@ -57,6 +57,7 @@ class TensorSpec:
     datatype: Datatype
     dims: tuple[int, ...]
     optional: bool = False
+    wire: tuple[int, ...] = ()  # the full request shape (batch dimension as -1), precomputed for validation
 
     def wire_shape(self, max_batch_size: int) -> list[int]:
         """The shape ModelMetadata reports: a leading -1 for the batch dimension of a batching model."""
@@ -168,7 +169,9 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorS
             raise InvalidArgument(
                 f"model {config.name!r} tensor {tensor.name!r}: unsupported {mc.DataType.Name(tensor.data_type)}"
             )
-        return TensorSpec(tensor.name, datatype, tuple(tensor.dims), optional)
+        dims = tuple(tensor.dims)
+        wire = (-1, *dims) if config.max_batch_size > 0 else dims
+        return TensorSpec(tensor.name, datatype, dims, optional, wire)
 
     return [spec(t, t.optional) for t in config.input], [spec(t, False) for t in config.output]
 
