@@ -37,6 +37,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from server.drift import DriftReference
+
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17; onnxruntime 1.32 loads up to IR 11
 ML_OPSET = 3  # ai.onnx.ml, for the scikit-learn converters
@@ -154,6 +156,12 @@ def _npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def drift_reference(x_train: np.ndarray) -> bytes:
+    """``drift_reference.npz`` beside the digits versions: per-feature bin edges, histogram counts, means and
+    variances of the training split (``server.drift.DriftReference``); its presence turns drift monitoring on."""
+    return DriftReference.from_training(x_train).to_bytes()
+
+
 def _build_digits() -> Files:
     x, y = load_digits(return_X_y=True)
     x, y = x.astype(np.float32), y.astype(np.int64)
@@ -171,6 +179,7 @@ def _build_digits() -> Files:
     files["train_stats.npz"] = _npz(
         mean=x_train.mean(axis=0), std=x_train.std(axis=0), min=x_train.min(axis=0), max=x_train.max(axis=0)
     )
+    files["drift_reference.npz"] = drift_reference(x_train)
     return files
 
 
@@ -178,7 +187,15 @@ MODELS: dict[str, ExampleModel] = {
     "mlp": _dense("mlp", (256, 1024, 1024, 10)),
     "tiny": _dense("tiny", (16, 4)),
     "digits": ExampleModel(
-        ("config.pbtxt", "1/model.onnx", "2/model.onnx", "heldout.npz", "train_stats.npz"), _build_digits
+        (
+            "config.pbtxt",
+            "1/model.onnx",
+            "2/model.onnx",
+            "heldout.npz",
+            "train_stats.npz",
+            "drift_reference.npz",
+        ),
+        _build_digits,
     ),
 }
 

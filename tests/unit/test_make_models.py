@@ -27,6 +27,7 @@ EXPECTED_FILES = {
     "digits/2/model.onnx",
     "digits/heldout.npz",
     "digits/train_stats.npz",
+    "digits/drift_reference.npz",
 }
 MLP_CONFIG = """\
 name: "mlp"
