@@ -27,6 +27,7 @@ from client.errors import Internal, InvalidArgument, Unavailable
 from server.batching import Batcher, BatchPolicy
 from server.config import GRAPH_OPTIMIZATION_LEVELS, ServerConfig
 from server.modelconfig import GraphTensor, TensorSpec, batch_policy, complete_config, instance_count, tensor_specs
+from server.preprocess import Pipeline
 from server.stats import VersionStats
 from server.telemetry import NO_TRACING, Tracing
 
@@ -162,6 +163,7 @@ class ModelVersion:
         load_seconds: float,
         policy: BatchPolicy,
         tracing: Tracing,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.name = config.name
         self.version = version
@@ -183,6 +185,7 @@ class ModelVersion:
         self._batches = 0
         self.cache_enabled = config.response_cache.enable
         self._session = session
+        self.pipeline = pipeline  # preprocess.json's kernels: client feeds -> graph feeds, on each formed batch
         self._fixed_shapes = all(-1 not in t.dims and not t.optional for t in self.inputs)
         self._executor = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"ferry-{self.name}-v{version}")
         self._batcher = Batcher(policy, self._run_batch, self.describe())
@@ -203,9 +206,16 @@ class ModelVersion:
             session = settings.session(path)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise InvalidArgument(f"onnxruntime cannot load {path}: {err}") from None
-        done = complete_config(config, model_name, _graph(session.get_inputs()), _graph(session.get_outputs()))
+        pipeline = Pipeline.load(path.parent.parent, config)
+        inputs = _graph(session.get_inputs())
+        if pipeline is not None:  # the config describes what clients send: the pipeline's inputs
+            inputs = pipeline.client_inputs(inputs)
+        done = complete_config(config, model_name, inputs, _graph(session.get_outputs()))
         policy = batch_policy(done, server.max_queue_size)
-        return cls(done, version, path, session, sha256_of(path), time.perf_counter() - start, policy, tracing)
+        if pipeline is not None:
+            pipeline.warmup()  # compile or load the kernels now: the first request must not pay for it
+        load_seconds = time.perf_counter() - start
+        return cls(done, version, path, session, sha256_of(path), load_seconds, policy, tracing, pipeline)
 
     @property
     def queued(self) -> int:
@@ -274,6 +284,8 @@ class ModelVersion:
         t0 = time.perf_counter_ns()
         one = len(batch) == 1
         feeds = batch[0] if one else {name: np.concatenate([f[name] for f in batch]) for name in batch[0]}
+        if self.pipeline is not None:
+            feeds = self.pipeline(feeds)
         t1 = time.perf_counter_ns()
         try:
             outputs = self._session.run(self.output_names, feeds)
