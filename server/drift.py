@@ -3,10 +3,11 @@
 The reference (:class:`DriftReference`, ``drift_reference.npz`` beside the model: in the version directory, else in
 the model directory) holds per-feature bin edges, the training split's histogram over them, means and variances.
 A :class:`DriftMonitor` is fed every executed batch from the worker thread (:meth:`DriftMonitor.observe`: one
-histogram and one moments kernel call from ``kernels.stats``, both releasing the GIL, then a few adds under a lock).
+histogram and one moments kernel call from ``kernels.stats``, both releasing the GIL, and one array add).
 Rows accumulate in chunks of ``window_rows / CHUNKS``; each time a chunk completes, the oldest chunks leave the
 window and, once the window holds ``window_rows``, per-feature population stability index and KS statistic are
-computed and published as an immutable :class:`DriftSnapshot` (read it from any thread, no lock).
+computed (a handful of array operations on [F, B + 2] counts) and published as an immutable
+:class:`DriftSnapshot` (read it from any thread, no lock; its mean and variance are combined when asked for).
 
 An alert fires once when the window crosses a threshold (either statistic of any feature above it): a warning log
 event, ``alerts`` + 1, and ``on_alert(DriftAlert)`` (e.g. a :class:`server.webhook.AlertWebhook`). It re-arms
@@ -47,9 +48,9 @@ def feature_histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return histogram(x, edges)
 
 
-def batch_moments(x: np.ndarray) -> Moments:
-    """(count, mean, M2) per feature of rows ``x`` [N, F], NaN skipped."""
-    return merge_moments(empty_moments(x.shape[1]), x)
+def batch_moments(x: np.ndarray, state: Moments | None = None) -> Moments:
+    """(count, mean, M2) per feature of rows ``x`` [N, F] merged into ``state`` (a new state; NaN skipped)."""
+    return merge_moments(empty_moments(x.shape[1]) if state is None else state, x)
 
 
 def combine_moments(parts: list[Moments]) -> Moments:
@@ -68,20 +69,34 @@ def population_stability_index(reference: np.ndarray, live: np.ndarray, epsilon:
     """PSI per row of two count arrays [F, K]: ``sum((a - e) * ln(a / e))`` over the bins, with ``e`` and ``a`` the
     reference and live proportions, each floored at ``epsilon``. 0 for identical distributions, and for a row
     where either side has no counts (nothing to compare)."""
-    e = np.maximum(_proportions(reference), epsilon)
-    a = np.maximum(_proportions(live), epsilon)
-    return np.where(_both_seen(reference, live), ((a - e) * np.log(a / e)).sum(axis=1), 0.0)
+    return Baseline(reference, epsilon).compare(live)[0]
 
 
 def ks_statistic(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
     """Two-sample Kolmogorov-Smirnov statistic per row of two count arrays [F, K] over the same bins: the largest
     distance between the two cumulative distributions at a bin boundary, in [0, 1]; 0 where a side has no counts."""
-    distance = np.abs(np.cumsum(_proportions(reference), axis=1) - np.cumsum(_proportions(live), axis=1)).max(axis=1)
-    return np.where(_both_seen(reference, live), distance, 0.0)
+    return Baseline(reference).compare(live)[1]
 
 
-def _both_seen(reference: np.ndarray, live: np.ndarray) -> np.ndarray:
-    return (reference.sum(axis=1) > 0) & (live.sum(axis=1) > 0)
+class Baseline:
+    """The reference side of PSI and KS, computed once: each comparison then costs a handful of array operations."""
+
+    def __init__(self, counts: np.ndarray, epsilon: float = PSI_EPSILON) -> None:
+        proportions = _proportions(counts)
+        self.epsilon = epsilon
+        self._floored = np.maximum(proportions, epsilon)
+        self._log = np.log(self._floored)
+        self._cumulative = np.cumsum(proportions, axis=1)
+        self._seen = counts.sum(axis=1) > 0
+
+    def compare(self, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(PSI, KS) per row of live counts [F, K]."""
+        proportions = _proportions(live)
+        floored = np.maximum(proportions, self.epsilon)
+        psi = ((floored - self._floored) * (np.log(floored) - self._log)).sum(axis=1)
+        ks = np.abs(np.cumsum(proportions, axis=1) - self._cumulative).max(axis=1)
+        seen = self._seen & (live.sum(axis=1) > 0)
+        return np.where(seen, psi, 0.0), np.where(seen, ks, 0.0)
 
 
 def _proportions(counts: np.ndarray) -> np.ndarray:
@@ -173,10 +188,15 @@ class DriftSnapshot:
     rows: int
     psi: np.ndarray
     ks: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
     drifted: bool
     """Whether any statistic is over its threshold."""
+    parts: tuple[Moments, ...]
+    """(count, mean, M2) of each chunk in the window: :meth:`moments` combines them."""
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """The window's (mean, variance) per feature, combined on each call (tens of µs: call it when scraping)."""
+        count, mean, m2 = combine_moments(list(self.parts))
+        return mean, m2 / np.maximum(count, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +220,7 @@ class DriftAlert:
 @dataclass(slots=True)
 class _Chunk:
     counts: np.ndarray
-    moments: list[Moments]
+    moments: Moments
     rows: int = 0
 
 
@@ -243,6 +263,7 @@ class DriftMonitor:
         self._chunk = self._new_chunk()
         self._chunks: deque[_Chunk] = deque()
         self._window_counts = np.zeros_like(reference.counts)
+        self._baseline = Baseline(reference.counts)
         self._window_rows = 0
         self._armed = True
 
@@ -260,13 +281,14 @@ class DriftMonitor:
                 log.warning("%s: drift skips batches of shape %s (reference has %d features)", self.describe(),
                             batch.shape, self.reference.features)  # fmt: skip
             return
-        counts = feature_histogram(x, self.reference.edges)  # the kernels release the GIL: outside the lock
-        moments = batch_moments(x)
+        counts = feature_histogram(x, self.reference.edges)  # the kernel releases the GIL: outside the lock
         alert = None
         with self._lock:
             chunk = self._chunk
+            # A new state from the kernel (nogil, one pass over the batch): concurrent observers of this version
+            # wait here, the model's other work does not.
+            chunk.moments = batch_moments(x, chunk.moments)
             chunk.counts += counts
-            chunk.moments.append(moments)
             chunk.rows += rows
             self.observed_rows += rows
             if chunk.rows >= self._chunk_rows:
@@ -287,12 +309,11 @@ class DriftMonitor:
                     log.exception("%s: drift alert callback failed", self.describe())
 
     def _new_chunk(self) -> _Chunk:
-        return _Chunk(np.zeros_like(self.reference.counts), [])
+        return _Chunk(np.zeros_like(self.reference.counts), empty_moments(self.reference.features))
 
     def _slide(self, chunk: _Chunk) -> DriftAlert | None:
         """Under the lock: put a full chunk into the window, drop chunks the window no longer needs, and, once
         the window is full, publish a new snapshot and decide whether an alert fires."""
-        chunk.moments = [combine_moments(chunk.moments)]
         self._chunks.append(chunk)
         self._window_counts += chunk.counts
         self._window_rows += chunk.rows
@@ -302,17 +323,14 @@ class DriftMonitor:
             self._window_rows -= old.rows
         if self._window_rows < self.window_rows:
             return None
-        psi = population_stability_index(self.reference.counts, self._window_counts)
-        ks = ks_statistic(self.reference.counts, self._window_counts)
-        count, mean, m2 = combine_moments([c.moments[0] for c in self._chunks])
+        psi, ks = self._baseline.compare(self._window_counts)
         psi_over = np.flatnonzero(psi > self.psi_threshold) if self.psi_threshold > 0 else np.empty(0, np.int64)
         ks_over = np.flatnonzero(ks > self.ks_threshold) if self.ks_threshold > 0 else np.empty(0, np.int64)
         drifted = bool(len(psi_over) or len(ks_over))
-        for array in (psi, ks, mean, m2):
-            array.setflags(write=False)
-        var = m2 / np.maximum(count, 1)
-        var.setflags(write=False)
-        self.snapshot = DriftSnapshot(self._window_rows, psi, ks, mean, var, drifted)  # one atomic swap
+        psi.setflags(write=False)
+        ks.setflags(write=False)
+        parts = tuple(c.moments for c in self._chunks)  # states are replaced, never changed in place
+        self.snapshot = DriftSnapshot(self._window_rows, psi, ks, drifted, parts)  # one atomic swap
         if not drifted:
             if not self._armed:
                 log.info("%s: drift back under the thresholds; alert re-armed", self.describe())
