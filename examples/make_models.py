@@ -6,7 +6,12 @@
 - ``tiny``: FP32 [N, 16] -> Gemm 4; the per-request overhead benchmark.
 - ``digits``: two scikit-learn classifiers of the bundled digits data set, served as versions 1 and 2,
   with ``heldout.npz`` (``X``, ``y``: the test split) and ``train_stats.npz`` (per-feature ``mean``,
-  ``std``, ``min``, ``max`` of the training split) for preprocessing and drift detection.
+  ``std``, ``min``, ``max`` of the training split) for preprocessing and drift detection. Its
+  ``preprocess.json`` replaces a missing pixel (NaN) with the training mean of that pixel, so finite
+  inputs reach the classifiers unchanged.
+- ``imgcls``: a small CNN with fixed-seed weights, graph input FP32 [N, 3, 56, 56] -> ``probabilities``
+  [N, 10]; clients send UINT8 [N, 64, 64, 3] images, which its ``preprocess.json`` center-crops to 56,
+  scales to [0, 1] and normalizes with the ImageNet mean and std into NCHW.
 
 Weights come from fixed seeds and training is seeded, so every run writes the same bytes. A model whose
 files all exist is skipped unless ``--force``. Each file is written under a temporary name and renamed into
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import os
 import pathlib
 import time
@@ -65,6 +71,39 @@ def _dense_config(name: str, in_dim: int, out_dim: int) -> bytes:
 
 # Inputs and outputs are left to the server, which reads them from the ONNX graph.
 DIGITS_CONFIG = b'name: "digits"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\nversion_policy: { all { } }\n'
+# NaN policy: a missing pixel becomes its training mean; every other value passes unchanged.
+DIGITS_PREPROCESS = {"inputs": {"input": [{"op": "impute", "fill": "train_stats.npz:mean"}]}}
+
+IMAGE_SIZE, CROP, IMAGE_CLASSES = 64, 56, 10
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# The config says what clients send; preprocess.json turns it into the graph's FP32 [N, 3, 56, 56].
+IMGCLS_CONFIG = (
+    'name: "imgcls"\n'
+    'platform: "onnxruntime_onnx"\n'
+    "max_batch_size: 64\n"
+    f'input [ {{ name: "image" data_type: TYPE_UINT8 dims: [ {IMAGE_SIZE}, {IMAGE_SIZE}, 3 ] }} ]\n'
+    f'output [ {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {IMAGE_CLASSES} ] }} ]\n'
+).encode()
+IMGCLS_PREPROCESS = {
+    "inputs": {
+        "image": [
+            {
+                "op": "image",
+                "height": IMAGE_SIZE,
+                "width": IMAGE_SIZE,
+                "channels": 3,
+                "crop": CROP,
+                "scale": 1 / 255,
+                "mean": IMAGENET_MEAN,
+                "std": IMAGENET_STD,
+            }
+        ]
+    }
+}
+
+
+def _json(doc: object) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode()
 
 
 def dense_relu_net(name: str, sizes: Sequence[int], seed: int = 0) -> onnx.ModelProto:
@@ -98,6 +137,53 @@ def dense_relu_net(name: str, sizes: Sequence[int], seed: int = 0) -> onnx.Model
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     return model
+
+
+def small_cnn(name: str, seed: int = 0) -> onnx.ModelProto:
+    """``image`` FP32 [N, 3, 56, 56] -> Conv 3x3/2 (16) -> Relu -> Conv 3x3/2 (32) -> Relu -> GlobalAveragePool
+    -> Gemm 10 -> Softmax -> ``probabilities`` [N, 10]. He-initialised from a fixed seed."""
+    rng = np.random.default_rng(seed)
+
+    def he(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+
+    initializers = [
+        numpy_helper.from_array(he((16, 3, 3, 3), 27), "conv0_w"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "conv0_b"),
+        numpy_helper.from_array(he((32, 16, 3, 3), 144), "conv1_w"),
+        numpy_helper.from_array(np.zeros(32, np.float32), "conv1_b"),
+        numpy_helper.from_array(he((IMAGE_CLASSES, 32), 32), "fc_w"),
+        numpy_helper.from_array(np.zeros(IMAGE_CLASSES, np.float32), "fc_b"),
+    ]
+    conv = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["image", "conv0_w", "conv0_b"], ["conv0"], **conv),
+        helper.make_node("Relu", ["conv0"], ["relu0"]),
+        helper.make_node("Conv", ["relu0", "conv1_w", "conv1_b"], ["conv1"], **conv),
+        helper.make_node("Relu", ["conv1"], ["relu1"]),
+        helper.make_node("GlobalAveragePool", ["relu1"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["features"]),
+        helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, CROP, CROP])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", IMAGE_CLASSES])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _build_imgcls() -> Files:
+    return {
+        "config.pbtxt": IMGCLS_CONFIG,
+        "preprocess.json": _json(IMGCLS_PREPROCESS),
+        "1/model.onnx": small_cnn("imgcls").SerializeToString(),
+    }
 
 
 def _dense(name: str, sizes: Sequence[int]) -> ExampleModel:
@@ -166,7 +252,7 @@ def _build_digits() -> Files:
     x, y = load_digits(return_X_y=True)
     x, y = x.astype(np.float32), y.astype(np.int64)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    files: Files = {"config.pbtxt": DIGITS_CONFIG}
+    files: Files = {"config.pbtxt": DIGITS_CONFIG, "preprocess.json": _json(DIGITS_PREPROCESS)}
     for version, pipeline in digits_classifiers().items():
         pipeline.fit(x_train, y_train)
         model = sklearn_to_onnx(pipeline, f"digits_v{version}", x.shape[1])
@@ -189,6 +275,7 @@ MODELS: dict[str, ExampleModel] = {
     "digits": ExampleModel(
         (
             "config.pbtxt",
+            "preprocess.json",
             "1/model.onnx",
             "2/model.onnx",
             "heldout.npz",
@@ -197,6 +284,7 @@ MODELS: dict[str, ExampleModel] = {
         ),
         _build_digits,
     ),
+    "imgcls": ExampleModel(("config.pbtxt", "preprocess.json", "1/model.onnx"), _build_imgcls),
 }
 
 

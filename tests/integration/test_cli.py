@@ -37,7 +37,7 @@ def ferry_serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def test_serve_prints_ready_line_with_free_ports_and_stops_on_sigterm(example_repo: Path) -> None:
     with ferry_serve("--model-repository", str(example_repo), "--grpc-port", "0", "--http-port", "0") as (proc, line):
-        match = re.fullmatch(r"ferry ready: grpc=127\.0\.0\.1:(\d+) http=127\.0\.0\.1:(\d+) models=3/3 ready\n", line)
+        match = re.fullmatch(r"ferry ready: grpc=127\.0\.0\.1:(\d+) http=127\.0\.0\.1:(\d+) models=4/4 ready\n", line)
         assert match, line
         grpc_port = int(match.group(1))
         assert grpc_port > 0 and int(match.group(2)) > 0

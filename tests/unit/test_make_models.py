@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 from types import ModuleType
@@ -27,6 +28,10 @@ EXPECTED_FILES = {
     "digits/2/model.onnx",
     "digits/heldout.npz",
     "digits/train_stats.npz",
+    "digits/preprocess.json",
+    "imgcls/config.pbtxt",
+    "imgcls/preprocess.json",
+    "imgcls/1/model.onnx",
     "digits/drift_reference.npz",
 }
 MLP_CONFIG = """\
@@ -150,6 +155,27 @@ def test_digits_data_files(repo: pathlib.Path) -> None:
         assert stats[name].dtype == np.float32 and stats[name].shape == (64,), name
     assert (stats["min"] <= stats["mean"]).all() and (stats["mean"] <= stats["max"]).all()
     assert (stats["std"] >= 0).all() and stats["std"].max() > 0
+
+    assert json.loads((repo / "digits" / "preprocess.json").read_text()) == {
+        "inputs": {"input": [{"op": "impute", "fill": "train_stats.npz:mean"}]}
+    }
+
+
+def test_imgcls(repo: pathlib.Path) -> None:
+    """A CNN over FP32 [N, 3, 56, 56]; config.pbtxt and preprocess.json describe the UINT8 [N, 64, 64, 3] clients
+    send (tests/integration/test_preprocess.py checks what the server makes of them)."""
+    config = (repo / "imgcls" / "config.pbtxt").read_text()
+    assert 'name: "imgcls"' in config and "TYPE_UINT8 dims: [ 64, 64, 3 ]" in config and "max_batch_size: 64" in config
+    session = _session(repo / "imgcls" / "1" / "model.onnx")
+    assert _signature(session.get_inputs()) == {"image": ("tensor(float)", ["batch", 3, 56, 56])}
+    assert _signature(session.get_outputs()) == {"probabilities": ("tensor(float)", ["batch", 10])}
+    x = np.random.default_rng(3).standard_normal((4, 3, 56, 56), dtype=np.float32)
+    (probabilities,) = session.run(None, {"image": x})
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(probabilities[0], probabilities[1])  # the answer depends on the image
+    steps = json.loads((repo / "imgcls" / "preprocess.json").read_text())["inputs"]["image"]
+    assert [(s["op"], s["height"], s["width"], s["crop"]) for s in steps] == [("image", 64, 64, 56)]
+    assert steps[0]["mean"] == [0.485, 0.456, 0.406] and steps[0]["std"] == [0.229, 0.224, 0.225]
 
 
 @pytest.mark.parametrize("force", [False, True])
