@@ -257,7 +257,8 @@ class DriftMonitor:
         self.observed_rows = 0
         self.skipped_batches = 0
         self.snapshot: DriftSnapshot | None = None
-        self._on_alert = on_alert
+        self.on_alert = on_alert
+        """Called (in the observing thread) once per crossing; e.g. an AlertWebhook, to be closed on unload."""
         self._chunk_rows = max(1, window_rows // CHUNKS)
         self._lock = threading.Lock()
         self._chunk = self._new_chunk()
@@ -302,9 +303,9 @@ class DriftMonitor:
                 alert.ks_threshold, list(alert.ks_features), alert.rows,
                 extra={"event": "drift_alert", "model": self.model, "version": self.version},
             )  # fmt: skip
-            if self._on_alert is not None:
+            if self.on_alert is not None:
                 try:
-                    self._on_alert(alert)
+                    self.on_alert(alert)
                 except Exception:
                     log.exception("%s: drift alert callback failed", self.describe())
 

@@ -114,11 +114,12 @@ def load_monitor(
     config: mc.ModelConfig,
     model_dir: Path,
     version: int,
-    on_alert: Callable[[DriftAlert], None] | None = None,
+    alerts_for: Callable[[DriftSettings], Callable[[DriftAlert], None] | None] | None = None,
 ) -> DriftMonitor | None:
     """The drift monitor of one version of a *completed* config, or None when it has no reference file.
-    Blocking (reads the file): call it where the version loads. Raises InvalidArgument on bad parameters, a bad
-    reference file, or drift parameters without one."""
+    ``alerts_for(settings)`` gives the monitor's ``on_alert`` (e.g. an AlertWebhook when ``settings.webhook_url``
+    is set, else None). Blocking (reads the file): call it where the version loads. Raises InvalidArgument on bad
+    parameters, a bad reference file, or drift parameters without one."""
     path = reference_path(model_dir, version)
     if path is None:
         if set_keys := sorted(k for k in config.parameters if k in PARAMETERS):
@@ -143,7 +144,7 @@ def load_monitor(
         settings.window_rows,
         settings.psi_threshold,
         settings.ks_threshold,
-        on_alert,
+        alerts_for(settings) if alerts_for is not None else None,
         model=config.name,
         version=version,
         input_name=settings.input_name,

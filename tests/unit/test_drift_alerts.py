@@ -130,8 +130,16 @@ def test_drift_parameters_without_a_reference_file_are_an_error(tmp_path: Path) 
 def test_monitor_from_the_version_directory(tmp_path: Path) -> None:
     _write_reference(tmp_path / "2" / REFERENCE_FILE, 4)
     _write_reference(tmp_path / REFERENCE_FILE, 3)  # the model-wide file, shadowed for version 2
-    monitor = load_monitor(_config(drift_window_rows="50", drift_ks_threshold="0.3"), tmp_path, 2)
+    seen: list[DriftSettings] = []
+
+    def alerts_for(settings: DriftSettings) -> Callable[[DriftAlert], None]:
+        seen.append(settings)
+        return print
+
+    config = _config(drift_window_rows="50", drift_ks_threshold="0.3", drift_webhook_url="http://hook")
+    monitor = load_monitor(config, tmp_path, 2, alerts_for)
     assert isinstance(monitor, DriftMonitor)
+    assert seen == [DriftSettings(0.2, 0.3, 50, "x", "http://hook", 2.0)] and monitor.on_alert is print
     assert (monitor.model, monitor.version, monitor.input_name) == ("m", 2, "x")
     assert (monitor.window_rows, monitor.psi_threshold, monitor.ks_threshold) == (50, 0.2, 0.3)
     assert monitor.reference.features == 4
