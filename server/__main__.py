@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--execution-provider", choices=EXECUTION_PROVIDERS, default="cpu", help="cuda falls back to cpu")
     s.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model version and level")
     s.add_argument("--cache-max-bytes", type=int, default=256 * 1024 * 1024, help="result cache bound (256 MiB)")
+    s.add_argument("--inline-run-us", type=int, default=100, help="run faster batches on the loop (0 = never)")
     s.add_argument("--ort-spinning", action="store_true", help="let idle onnxruntime threads spin-wait")
     s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
     s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             execution_provider=args.execution_provider,
             max_queue_size=args.max_queue_size,
             cache_max_bytes=args.cache_max_bytes,
+            inline_run_us=args.inline_run_us,
             ort_spinning=args.ort_spinning,
             strict_readiness=args.strict_readiness,
             shutdown_grace_s=args.shutdown_grace_s,

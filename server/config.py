@@ -53,6 +53,10 @@ class ServerConfig:
     """Requests that may wait per model version and priority level when config.pbtxt leaves ``max_queue_size`` at
     0; past it, requests are rejected at once with UNAVAILABLE."""
 
+    inline_run_us: int = 100
+    """Batches whose recent average run time is below this many µs run on the event loop instead of a worker
+    thread, whose hand-off costs more than they do (0 = always use the worker threads)."""
+
     ort_spinning: bool = False
     """Let idle onnxruntime pool threads spin-wait for work (its default). Off by default: on a small machine the
     spinning threads take the cores that the event loop and gRPC need between runs."""
@@ -90,6 +94,8 @@ class ServerConfig:
             raise InvalidArgument(
                 f"execution_provider must be one of {EXECUTION_PROVIDERS}, got {self.execution_provider!r}"
             )
+        if not (0 <= self.inline_run_us <= 1_000_000):
+            raise InvalidArgument(f"inline_run_us must be in 0..1000000, got {self.inline_run_us}")
         if self.cache_max_bytes < 0:
             raise InvalidArgument(f"cache_max_bytes must be >= 0, got {self.cache_max_bytes}")
         if not (1 <= self.max_queue_size <= 1_000_000):
