@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from client.errors import FerryError
 from server import __version__
@@ -31,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-max-bytes", type=int, default=256 * 1024 * 1024, help="result cache bound (256 MiB)")
     s.add_argument("--inline-run-us", type=int, default=100, help="run faster batches on the loop (0 = never)")
     s.add_argument("--ort-spinning", action="store_true", help="let idle onnxruntime threads spin-wait")
+    s.add_argument("--prediction-log", type=Path, help="JSON Lines file for sampled predictions (off if absent)")
+    s.add_argument("--prediction-log-max-bytes", type=int, default=64 << 20, help="rotate past this size (64 MiB)")
+    s.add_argument("--prediction-log-backups", type=int, default=5, help="rotated logs kept (5)")
+    s.add_argument("--outcome-window", type=int, default=1000, help="outcomes in the live accuracy window (1000)")
     s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
     s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
@@ -63,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache_max_bytes=args.cache_max_bytes,
             inline_run_us=args.inline_run_us,
             ort_spinning=args.ort_spinning,
+            prediction_log_path=args.prediction_log,
+            prediction_log_max_bytes=args.prediction_log_max_bytes,
+            prediction_log_backups=args.prediction_log_backups,
+            outcome_window=args.outcome_window,
             strict_readiness=args.strict_readiness,
             shutdown_grace_s=args.shutdown_grace_s,
             use_uvloop=not args.no_uvloop,

@@ -10,15 +10,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.core import Metric
 
-from client._proto import POOL
+from client._proto import POOL, ferry_pb2_grpc
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import Unavailable
@@ -26,6 +27,10 @@ from server.cache import ResultCache
 from server.config import ServerConfig
 from server.http import create_http_app
 from server.metrics import FerryCollector, exposition, registry_for
+from server.monitoring import Monitoring, metric_families
+from server.outcomes import SERVICE_NAME as OUTCOME_SERVICE
+from server.outcomes import OutcomeServicer, OutcomeTracker
+from server.predlog import PredictionLog, PredictionLogSettings
 from server.repository import ModelRepository
 from server.servicer import InferenceServicer
 from server.telemetry import Tracing
@@ -45,7 +50,15 @@ class FerryServer:
         self.config = config
         self.cache = ResultCache(config.cache_max_bytes)
         self.tracing = tracing if tracing is not None else Tracing.from_env()
-        self.repository = ModelRepository(config, on_close=self.cache.drop_version, tracing=self.tracing)
+        log_settings = PredictionLogSettings(
+            config.prediction_log_path, config.prediction_log_max_bytes, config.prediction_log_backups
+        )
+        self.monitoring = Monitoring(
+            PredictionLog.from_settings(log_settings), OutcomeTracker(config.outcome_window, max_pending=100_000)
+        )
+        self.repository = ModelRepository(
+            config, on_close=self.cache.drop_version, tracing=self.tracing, monitoring=self.monitoring
+        )
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -65,12 +78,15 @@ class FerryServer:
         self._grpc = server = grpc.aio.server(
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
+        self.monitoring.loop = asyncio.get_running_loop()
         servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
         self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
+        self.metrics.extras.append(self._monitoring_metrics)
         self._registry = registry_for(self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(OutcomeServicer(self.monitoring.outcomes), server)
+        services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
@@ -124,6 +140,12 @@ class FerryServer:
             await self._http_runner.cleanup()
         await self.repository.close()
         self.tracing.shutdown()
+        if self.monitoring.predlog is not None:
+            await asyncio.to_thread(self.monitoring.predlog.close)
+
+    def _monitoring_metrics(self) -> Iterator[Metric]:
+        monitors = [mv.monitor for m in self.repository.models() for mv in m.versions.values() if mv.monitor]
+        return metric_families(monitors, self.monitoring)
 
     def ready_line(self) -> str:
         models = self.repository.models()

@@ -61,6 +61,18 @@ class ServerConfig:
     """Let idle onnxruntime pool threads spin-wait for work (its default). Off by default: on a small machine the
     spinning threads take the cores that the event loop and gRPC need between runs."""
 
+    prediction_log_path: Path | None = None
+    """JSON Lines file for sampled predictions (models choose their rate with ``prediction_log_rate``); None = off."""
+
+    prediction_log_max_bytes: int = 64 * 1024 * 1024
+    """Rotate the prediction log before it passes this size (0 = never)."""
+
+    prediction_log_backups: int = 5
+    """Rotated prediction logs kept."""
+
+    outcome_window: int = 1000
+    """Outcomes per model version in the rolling window of live accuracy / error."""
+
     strict_readiness: bool = False
     """If true, ServerReady is false while any model failed to load (as Triton's default); if false, the
     server is ready once loading finished, and broken models report themselves through ModelReady."""
@@ -96,6 +108,8 @@ class ServerConfig:
             )
         if not (0 <= self.inline_run_us <= 1_000_000):
             raise InvalidArgument(f"inline_run_us must be in 0..1000000, got {self.inline_run_us}")
+        if not (1 <= self.outcome_window <= 10_000_000):
+            raise InvalidArgument(f"outcome_window must be in 1..10000000, got {self.outcome_window}")
         if self.cache_max_bytes < 0:
             raise InvalidArgument(f"cache_max_bytes must be >= 0, got {self.cache_max_bytes}")
         if not (1 <= self.max_queue_size <= 1_000_000):

@@ -68,6 +68,10 @@ async def infer(
         done = time.perf_counter_ns()
         stats.encode_hist.observe(done - encoding)
         failure = None
+        monitor = model.monitor
+        if monitor is not None and monitor.active:
+            trace_id = format(span.trace_id, "032x") if span is not None else ""
+            monitor.after_request(request.id, feeds, outputs, names, done - start, trace_id)
         if tracing.enabled:
             trace_stages(tracing, model, start, decoded, encoding, done, hit, batch)
         return response

@@ -24,8 +24,12 @@ from client._proto import model_config_pb2 as mc
 from client.errors import Internal, InvalidArgument, Unavailable
 from server.batching import Batcher, BatchPolicy
 from server.config import GRAPH_OPTIMIZATION_LEVELS, ServerConfig
+from server.driftconfig import PARAMETERS as DRIFT_PARAMETERS
 from server.executor import ModelExecutor
 from server.modelconfig import GraphTensor, TensorSpec, batch_policy, complete_config, instance_count, tensor_specs
+from server.monitoring import Monitoring, VersionMonitor
+from server.outcomes import PARAMETERS as OUTCOME_PARAMETERS
+from server.predlog import PARAMETERS as PREDLOG_PARAMETERS
 from server.preprocess import Pipeline
 from server.stats import VersionStats
 from server.telemetry import NO_TRACING, Tracing
@@ -44,13 +48,17 @@ _OPT_LEVELS = dict(
         strict=True,
     )
 )
-# config.pbtxt `parameters` keys that tune the session (Triton's onnxruntime backend uses the first two too).
+# config.pbtxt `parameters` keys Ferry reads: session options (Triton's onnxruntime backend uses the first two too),
+# then the prediction log, outcomes and drift; other keys are logged and ignored.
 SESSION_PARAMETERS = (
     "intra_op_thread_count",
     "inter_op_thread_count",
     "graph_optimization_level",
     "execution_provider",
     "allow_spinning",
+    *PREDLOG_PARAMETERS,
+    *OUTCOME_PARAMETERS,
+    *DRIFT_PARAMETERS,
 )
 
 
@@ -191,6 +199,7 @@ class ModelVersion:
         self.cache_enabled = config.response_cache.enable
         self._session = session
         self.pipeline = pipeline  # preprocess.json's kernels: client feeds -> graph feeds, on each formed batch
+        self.monitor: VersionMonitor | None = None  # prediction log, outcomes and drift (set by load)
         self._fixed_shapes = all(-1 not in t.dims and not t.optional for t in self.inputs)
         self._executor = ModelExecutor(policy.instances, f"ferry-{self.name}-v{version}")
         self._batcher = Batcher(policy, self._run_batch, self.describe())
@@ -204,7 +213,9 @@ class ModelVersion:
         version: int,
         path: Path,
         tracing: Tracing = NO_TRACING,
+        monitoring: Monitoring | None = None,
     ) -> ModelVersion:
+        """Blocking: call it off the event loop."""
         start = time.perf_counter()
         settings = SessionSettings.resolve(server, config, instance_count(config))
         try:
@@ -219,10 +230,14 @@ class ModelVersion:
         policy = batch_policy(done, server.max_queue_size)
         if pipeline is not None:
             pipeline.warmup()  # compile or load the kernels now: the first request must not pay for it
+        sha256 = sha256_of(path)
+        monitor = VersionMonitor.load(done, path.parent.parent, version, sha256, monitoring or Monitoring())
         load_seconds = time.perf_counter() - start
-        return cls(
-            done, version, path, session, sha256_of(path), load_seconds, policy, tracing, pipeline, server.inline_run_us
+        loaded = cls(
+            done, version, path, session, sha256, load_seconds, policy, tracing, pipeline, server.inline_run_us
         )
+        loaded.monitor = monitor
+        return loaded
 
     @property
     def queued(self) -> int:
@@ -294,7 +309,9 @@ class ModelVersion:
         (and preprocessing), after the run, and at the end."""
         t0 = time.perf_counter_ns()
         one = len(batch) == 1
-        feeds = batch[0] if one else {name: np.concatenate([f[name] for f in batch]) for name in batch[0]}
+        feeds = client_feeds = (
+            batch[0] if one else {name: np.concatenate([f[name] for f in batch]) for name in batch[0]}
+        )
         if self.pipeline is not None:
             feeds = self.pipeline(feeds)
         t1 = time.perf_counter_ns()
@@ -305,6 +322,8 @@ class ModelVersion:
                 f"{self.describe()}: onnxruntime failed on a batch of {len(batch)} requests: {err}"
             ) from None
         t2 = time.perf_counter_ns()
+        if self.monitor is not None and self.monitor.drift is not None:
+            self.monitor.observe_batch(client_feeds)  # drift statistics, once per batch, on what clients sent
         if len(batch) == 1:
             results = [outputs]
             rows = len(outputs[0]) if self.max_batch_size > 0 and outputs[0].ndim else 1
@@ -321,4 +340,6 @@ class ModelVersion:
     async def close(self) -> None:
         """Fail queued requests, let running batches finish, then stop the executor."""
         await self._batcher.close()
+        if self.monitor is not None:
+            await self.monitor.close()
         self._executor.shutdown()

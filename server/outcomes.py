@@ -31,7 +31,7 @@ from client._proto import ferry_pb2 as fpb
 from client._proto import ferry_pb2_grpc as fpb_grpc
 from client._proto import model_config_pb2 as mc
 from client.errors import InvalidArgument
-from server.servicer import rpc
+from server.rpc import rpc
 from server.telemetry import NO_TRACING
 
 CLASSIFICATION = "classification"

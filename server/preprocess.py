@@ -124,10 +124,10 @@ class Stage:
         p = self.params
         if self.op == "image":
             spec = p["spec"]
-            return lambda x: image_to_nchw(np.ascontiguousarray(x), spec)
+            return lambda x: image_to_nchw(x, spec)
         if self.op == "one_hot":
             cards = np.asarray(p["cardinalities"], dtype=np.int64)
-            return lambda x: one_hot(np.ascontiguousarray(x), cards)
+            return lambda x: one_hot(x, cards)
         if self.op == "hash":
             buckets, seed = p["buckets"], p["seed"]
 
@@ -155,7 +155,7 @@ class Stage:
                 raise fail(str(err), where) from None
             built.append((op, vectors))
         steps = FeatureSteps.build(built, width)
-        return lambda x: feature_map(np.ascontiguousarray(x), steps)
+        return lambda x: feature_map(x, steps)
 
 
 @dataclass(slots=True)
@@ -241,9 +241,9 @@ class Pipeline:
         return out
 
     def warmup(self) -> None:
-        """Compile (or load from Numba's cache) and run every kernel on dummy batches, writable and read-only (a
-        single request's arrays are read-only views of the message), checking the shapes they make. A failure is
-        ``Internal``: the version does not load, the other models still do."""
+        """Compile (or load from Numba's cache) and run every kernel on dummy batches, writable (a concatenated
+        batch) and read-only (a single request's arrays are views of the message), checking the shapes they make.
+        A failure is ``Internal``: the version does not load, the other models still do."""
         if not self._bound:
             raise RuntimeError("bind the pipeline with client_inputs() before warmup()")
         for rows, writable in ((2, True), (1, False)):

@@ -19,6 +19,7 @@ from client.errors import FerryError, InvalidArgument, NotFound, Unavailable
 from server.config import ServerConfig
 from server.model import ModelVersion
 from server.modelconfig import parse_config, select_versions
+from server.monitoring import Monitoring
 from server.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ class ModelRepository:
         config: ServerConfig,
         on_close: Callable[[str, int], None] = lambda name, version: None,
         tracing: Tracing = NO_TRACING,
+        monitoring: Monitoring | None = None,
     ) -> None:
         """``on_close(name, version)`` is called for every version that stops serving (the cache forgets it)."""
         self._config = config
         self._tracing = tracing
+        self.monitoring = monitoring or Monitoring()
         self._on_close = on_close
         self._root = config.model_repository
         self._models: dict[str, Model] = {}
@@ -72,7 +75,7 @@ class ModelRepository:
     def load_all(self) -> None:
         """Load every model in the repository (blocking; at start, before any model is published)."""
         for path in self.model_dirs():
-            self._publish(_load_model(self._config, path, self._tracing))
+            self._publish(_load_model(self._config, path, self._tracing, self.monitoring))
         self.loaded = True
 
     async def load(self, name: str) -> Model:
@@ -80,7 +83,7 @@ class ModelRepository:
         path = self._root / name
         if not path.is_dir():
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
-        model = await asyncio.to_thread(_load_model, self._config, path, self._tracing)
+        model = await asyncio.to_thread(_load_model, self._config, path, self._tracing, self.monitoring)
         old = self._publish(model)
         if old is not None:
             await self._close(old)
@@ -166,7 +169,7 @@ def _why(model: Model) -> str:
     )
 
 
-def _load_model(server: ServerConfig, path: Path, tracing: Tracing) -> Model:
+def _load_model(server: ServerConfig, path: Path, tracing: Tracing, monitoring: Monitoring) -> Model:
     model = Model(path.name)
     try:
         config_path = path / "config.pbtxt"
@@ -184,7 +187,7 @@ def _load_model(server: ServerConfig, path: Path, tracing: Tracing) -> Model:
     for version in chosen:
         try:
             model.versions[version] = ModelVersion.load(
-                server, config, path.name, version, path / str(version) / filename, tracing
+                server, config, path.name, version, path / str(version) / filename, tracing, monitoring
             )
         except (FerryError, OSError) as err:
             model.errors[version] = str(err)

@@ -4,105 +4,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from opentelemetry.trace import Status, StatusCode
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.errors import STATUS_CODE_PARAMETER, FerryError, InvalidArgument, Unimplemented
+from client.errors import STATUS_CODE_PARAMETER, InvalidArgument, Unimplemented
 from server import __version__
 from server.cache import ResultCache
 from server.inference import infer
 from server.repository import ModelRepository
+from server.rpc import rpc, status_of
 from server.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 """Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats)."""
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _status_of(err: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    if isinstance(err, FerryError):
-        return err.code, err.message
-    log.exception("%s failed unexpectedly", method)
-    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(err).__name__}: {err}"
-
-
-# Server-side codes that mark an RPC span as an error (OpenTelemetry RPC conventions); client mistakes do not.
-_SERVER_FAULTS = {
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DATA_LOSS,
-}
-
-
-def _end_span(span: Any, code: grpc.StatusCode, message: str) -> None:
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in _SERVER_FAULTS:
-        span.set_status(Status(StatusCode.ERROR, message))
-
-
-def rpc(fn: F) -> F:
-    """Turn FerryError (and any unexpected exception, as INTERNAL) into the call's gRPC status; with tracing on,
-    run the call inside its SERVER span."""
-    if inspect.isasyncgenfunction(fn):
-
-        @functools.wraps(fn)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            tracing: Tracing = self.tracing
-            with contextlib.ExitStack() as stack:
-                span = (
-                    stack.enter_context(tracing.rpc_span(fn.__name__, context.invocation_metadata()))
-                    if (tracing.enabled)
-                    else None
-                )
-                try:
-                    async for item in fn(self, request, context):
-                        yield item
-                    code, message = grpc.StatusCode.OK, ""
-                except Exception as err:
-                    code, message = _status_of(err, fn.__name__)
-                if span is not None:
-                    _end_span(span, code, message)
-            if code != grpc.StatusCode.OK:
-                await context.abort(code, message)
-
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        tracing: Tracing = self.tracing
-        if not tracing.enabled:
-            try:
-                return await fn(self, request, context)
-            except Exception as err:
-                code, message = _status_of(err, fn.__name__)
-        else:
-            with tracing.rpc_span(fn.__name__, context.invocation_metadata()) as span:
-                try:
-                    reply = await fn(self, request, context)
-                    _end_span(span, grpc.StatusCode.OK, "")
-                    return reply
-                except Exception as err:
-                    code, message = _status_of(err, fn.__name__)
-                    _end_span(span, code, message)
-        await context.abort(code, message)
-
-    return unary  # type: ignore[return-value]
 
 
 def _unimplemented(feature: str) -> Callable[..., Any]:
@@ -205,7 +127,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 reply = pb.ModelStreamInferResponse(infer_response=await self._stream_one(request, deadline))
             except Exception as err:
-                code, message = _status_of(err, "ModelStreamInfer")
+                code, message = status_of(err, "ModelStreamInfer")
                 log.debug("stream request %r failed: %s %s", request.id, code, message)
                 reply = pb.ModelStreamInferResponse(
                     error_message=message,
@@ -306,4 +228,4 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("log settings")
 
 
-__all__ = ["EXTENSIONS", "InferenceServicer", "rpc"]
+__all__ = ["EXTENSIONS", "InferenceServicer"]
