@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import numba
 import numpy as np
 
+from kernels import frozen
+
 _C1, _C2 = 0xCC9E2D51, 0x1B873593
 _M32 = 0xFFFFFFFF
 
@@ -77,7 +79,7 @@ def _fmix_ref(h: np.ndarray) -> np.ndarray:
 def hash_buckets(data: np.ndarray, offsets: np.ndarray, buckets: int, seed: int = 0) -> np.ndarray:
     """The Numba kernel (same contract as :func:`hash_buckets_ref`); releases the GIL while it runs."""
     out = np.empty(len(offsets) - 1, dtype=np.int64)
-    _hash_buckets(data, offsets, np.uint64(buckets), np.uint64(seed & _M32), out)
+    _hash_buckets(frozen(data), frozen(offsets), np.uint64(buckets), np.uint64(seed & _M32), out)
     return out
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from kernels import frozen
+
 CHANNEL_ORDERS = ("RGB", "BGR")
 
 
@@ -159,8 +161,8 @@ def image_to_nchw_ref(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
 
 def image_to_nchw(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """The Numba kernel (same contract as :func:`image_to_nchw_ref`); releases the GIL while it runs."""
-    n = images.shape[0]
-    out = np.empty((n, *spec.output_shape), dtype=np.float32)
+    images = frozen(images)
+    out = np.empty((images.shape[0], *spec.output_shape), dtype=np.float32)
     if spec.resize is None:
         _copy_normalize(images, spec.rows[0], spec.cols[0], spec.src_channel, spec.scale, spec.mean, spec.std, out)
     else:

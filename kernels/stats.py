@@ -9,6 +9,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from kernels import frozen
+
 
 def histogram_ref(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """The numpy reference. ``edges``: float64 [F, B + 1], strictly increasing per feature. Returns int64 counts
@@ -28,7 +30,7 @@ def histogram_ref(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 def histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """The Numba kernel (same contract as :func:`histogram_ref`); releases the GIL while it runs."""
     counts = np.zeros((edges.shape[0], edges.shape[1] + 1), dtype=np.int64)
-    _histogram(x, edges, counts)
+    _histogram(frozen(x), frozen(edges), counts)
     return counts
 
 
@@ -92,7 +94,7 @@ def merge_moments(
     merged in. The batch's moments come from Welford's update, one pass; the merge is Chan's parallel formula, so
     merging batch by batch equals one pass over all rows up to rounding. ``state`` is left unchanged."""
     count, mean, m2 = (a.copy() for a in state)
-    _merge_moments(x, count, mean, m2)
+    _merge_moments(frozen(x), count, mean, m2)
     return count, mean, m2
 
 

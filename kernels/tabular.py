@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from kernels import frozen
+
 IMPUTE, CLIP, STANDARDIZE, MINMAX = 0, 1, 2, 3
 STEP_CODES = {"impute": IMPUTE, "clip": CLIP, "standardize": STANDARDIZE, "minmax": MINMAX}
 
@@ -96,14 +98,16 @@ def feature_map_ref(x: np.ndarray, steps: FeatureSteps) -> np.ndarray:
 def feature_map(x: np.ndarray, steps: FeatureSteps) -> np.ndarray:
     """The Numba kernel (same contract as :func:`feature_map_ref`); releases the GIL while it runs."""
     out = np.empty(x.shape, dtype=np.float32)
-    _feature_map(x, steps.codes, steps.params, out)
+    _feature_map(frozen(x), steps.codes, steps.params, out)
     return out
 
 
 @numba.njit(cache=True, nogil=True)
 def _feature_map(x, codes, params, out):
     rows, width = out.shape
-    out[:] = x
+    for n in range(rows):  # a loop, not out[:] = x: the slice assignment alone took seconds to compile
+        for j in range(width):
+            out[n, j] = x[n, j]
     # Selects rather than branches, so that LLVM vectorizes every pass. Comparisons, not min/max, for clip: a NaN
     # compares false and stays NaN, as in np.clip.
     for s in range(codes.shape[0]):
@@ -144,7 +148,7 @@ def one_hot_ref(codes: np.ndarray, cardinalities: np.ndarray) -> np.ndarray:
 def one_hot(codes: np.ndarray, cardinalities: np.ndarray) -> np.ndarray:
     """The Numba kernel (same contract as :func:`one_hot_ref`); ``cardinalities`` is int64 [K]."""
     out = np.zeros((codes.shape[0], int(cardinalities.sum())), dtype=np.float32)
-    _one_hot(codes, cardinalities, out)
+    _one_hot(frozen(codes), cardinalities, out)
     return out
 
 
