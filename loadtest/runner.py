@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import queue
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -107,6 +109,18 @@ class LoadTest:
                 proc.join(5)
         self._conns, self._procs = [], []
         self._channel.close()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the worker processes have used so far; None where /proc is missing."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for proc in self._procs:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return None
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+        return total
 
     def _get(self, deadline: float) -> tuple[str, int, int, Any]:
         while True:
