@@ -5,8 +5,11 @@
 - :mod:`kernels.hashing`: strings to bucket ids by MurmurHash3 (stable across processes);
 - :mod:`kernels.stats`: per-feature histograms and running moments for drift detection.
 
-Every Numba kernel is ``@njit(cache=True, nogil=True)``: compiled code is cached on disk (``__pycache__`` beside the
-source, or ``NUMBA_CACHE_DIR``) and the GIL is released while it runs.
+Every Numba kernel is ``@njit(cache=True, nogil=True, error_model="numpy")``: compiled code is cached on disk
+(``__pycache__`` beside the source, or ``NUMBA_CACHE_DIR``), the GIL is released while it runs, and a division by
+zero gives inf / NaN as in numpy instead of raising, which is what the references do and what lets LLVM vectorize
+divisions (Python's error model checks every divisor: the standardize pass ran scalar). No ``fastmath``: it assumes no
+NaN, and NaN is data here; and ``prange`` lost to one thread on 2 shared cores (BENCHMARKS.md).
 """
 
 from __future__ import annotations

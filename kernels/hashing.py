@@ -84,7 +84,7 @@ def hash_buckets(data: np.ndarray, offsets: np.ndarray, buckets: int, seed: int 
 
 
 # All arithmetic is on uint64 masked to 32 bits: Numba's integer typing would widen mixed uint32 expressions anyway.
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _hash_buckets(data, offsets, buckets, seed, out):
     m32 = np.uint64(_M32)
     c1 = np.uint64(_C1)

@@ -174,7 +174,7 @@ def image_to_nchw(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
 # reference's float32 operations, and the pass becomes a table lookup (bit for bit the reference's result). Serial:
 # prange over images was slower on 2 shared cores than one thread (see BENCHMARKS.md), and the server runs one
 # batch per executor thread anyway.
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _copy_normalize(images, ys, xs, src, scale, mean, std, out):
     n_images, channels, out_h, out_w = out.shape
     table = np.empty((channels, 256), dtype=np.float32)
@@ -192,7 +192,7 @@ def _copy_normalize(images, ys, xs, src, scale, mean, std, out):
                     dst[x] = values[row[x]]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _bilinear_normalize(images, y0, y1, wy, x0, x1, wx, src, scale, mean, std, out):
     n_images, channels, out_h, out_w = out.shape
     for n in range(n_images):

@@ -34,7 +34,7 @@ def histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return counts
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _histogram(x, edges, counts):
     rows, features = x.shape
     last = edges.shape[1] - 1
@@ -103,7 +103,7 @@ def empty_moments(features: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros(features, dtype=np.int64), np.zeros(features), np.zeros(features)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _merge_moments(x, count, mean, m2):
     rows, features = x.shape
     for f in range(features):

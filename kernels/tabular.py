@@ -102,7 +102,7 @@ def feature_map(x: np.ndarray, steps: FeatureSteps) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _feature_map(x, codes, params, out):
     rows, width = out.shape
     for n in range(rows):  # a loop, not out[:] = x: the slice assignment alone took seconds to compile
@@ -152,7 +152,7 @@ def one_hot(codes: np.ndarray, cardinalities: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _one_hot(codes, cardinalities, out):
     rows, columns = codes.shape
     for n in range(rows):
