@@ -41,6 +41,7 @@ protos: $(STAMP)
 
 bench: models perf-deps
 	$(BIN)/python -m loadtest.bench --models $(MODELS) --out bench-out
+	$(BIN)/python -m loadtest.kernel_bench --models $(MODELS) --out bench-out
 
 clean:
 	rm -rf $(VENV) $(MODELS) bench-out .pytest_cache .mypy_cache .ruff_cache
