@@ -38,6 +38,7 @@ async def infer(
             raise DeadlineExceeded(f"{model.describe()}: the caller's deadline passed before the request was queued")
         decoded = time.perf_counter_ns()
         span = current_span_context() if tracing.enabled else None
+        sampled = span is not None and span.trace_flags.sampled  # unsampled requests record no stage spans
         model_ns = 0
         batch: BatchInfo | None = None
 
@@ -72,7 +73,7 @@ async def infer(
         if monitor is not None and monitor.active:
             trace_id = format(span.trace_id, "032x") if span is not None else ""
             monitor.after_request(request.id, feeds, outputs, names, done - start, trace_id)
-        if tracing.enabled:
+        if sampled:
             trace_stages(tracing, model, start, decoded, encoding, done, hit, batch)
         return response
     except FerryError as err:

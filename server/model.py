@@ -282,7 +282,9 @@ class ModelVersion:
         self._batches += 1
         info = BatchInfo(self._batches, rows, len(batch), t0, t1, t2, t3)
         if self._tracing.enabled:
-            info.span = self._trace_batch(info, [span for _, span in batch if span is not None])
+            sampled = [span for _, span in batch if span is not None and span.trace_flags.sampled]
+            if sampled:  # a batch of unsampled requests records nothing
+                info.span = self._trace_batch(info, sampled)
         return [(outputs, info) for outputs in results]
 
     def _trace_batch(self, info: BatchInfo, requests: list[SpanContext]) -> SpanContext:

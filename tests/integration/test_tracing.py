@@ -209,3 +209,17 @@ def test_spans_reach_an_otlp_receiver_over_grpc(example_repo: Path) -> None:
         assert TRACE_ID in trace_ids
     finally:
         collector.stop(0)
+
+
+def test_unsampled_requests_record_nothing(example_repo: Path) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with background_server(example_repo, Tracing(provider), http_port=None) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            reply = stub.ModelInfer(request_for("tiny", {"input": np.ones((1, 16), np.float32)}))
+        assert len(reply.outputs) == 1
+    assert exporter.get_finished_spans() == ()
