@@ -1,4 +1,5 @@
-"""Preprocessing through a real server with dynamic batching on: imgcls (uint8 images) and digits (NaN imputation).
+"""Preprocessing through a real server: imgcls (uint8 images) and digits (NaN imputation) with dynamic batching on,
+and string categories hashed to one-hot columns.
 
 Every answer is checked against the numpy reference of the declared preprocessing followed by onnxruntime on the raw
 ONNX file, in this process. Batches are made deterministic with a preferred batch size and a long window: the batch
@@ -8,6 +9,7 @@ leaves exactly when the requests sent together have all arrived.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +18,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from sklearn.utils import murmurhash3_32
 
 from client import AsyncClient, Client, InvalidArgument
 from kernels.image import ImageSpec, image_to_nchw_ref
+from kernels.tabular import one_hot_ref
+from tests import models
 from tests.serving import running_server
 
 ROWS = [1, 2, 1, 3, 1]  # one batch of 8 rows from 5 requests
@@ -156,3 +161,17 @@ def test_a_bad_declaration_fails_only_its_model(example_repo: Path, tmp_path: Pa
         assert state == "UNAVAILABLE"
         assert "model 'imgcls' preprocess.json: input 'image' step 1 (normalise): unknown op 'normalise'" in reason
         assert ferry.infer("tiny", {"input": np.ones((1, 16), np.float32)})["output"].shape == (1, 4)
+
+
+def test_string_categories_hash_to_one_hot(tmp_path: Path) -> None:
+    """BYTES categories -> stable bucket ids -> one-hot FP32, through the server (scale: output = 1 * input)."""
+    models.write_scale(tmp_path / "categories" / "1" / "model.onnx", 1.0)
+    steps = [{"op": "hash", "buckets": 2, "seed": 0}, {"op": "one_hot", "cardinalities": [2, 2]}]
+    (tmp_path / "categories" / "preprocess.json").write_text(json.dumps({"inputs": {"input": steps}}))
+    items = np.array([["red", "small"], ["blue", "large"], ["", "größer"]], dtype=object)
+    codes = np.array([[murmurhash3_32(s, 0, positive=True) % 2 for s in row] for row in items])
+    with running_server(tmp_path, http_port=None) as address, Client(address, timeout_s=60) as ferry:
+        (spec,) = ferry.model_metadata("categories").inputs
+        assert (spec.datatype, list(spec.shape)) == ("BYTES", [-1, 2])
+        got = ferry.infer("categories", {"input": items})["output"]
+    np.testing.assert_array_equal(got, one_hot_ref(codes, np.array([2, 2])))
