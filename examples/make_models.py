@@ -66,6 +66,7 @@ def _dense_config(name: str, in_dim: int, out_dim: int) -> bytes:
         "max_batch_size: 128\n"
         f'input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {in_dim} ] }} ]\n'
         f'output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {out_dim} ] }} ]\n'
+        "dynamic_batching { }\n"  # requests that arrive while a batch runs go together into the next one
     ).encode()
 
 

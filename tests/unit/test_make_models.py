@@ -40,6 +40,7 @@ platform: "onnxruntime_onnx"
 max_batch_size: 128
 input [ { name: "input" data_type: TYPE_FP32 dims: [ 256 ] } ]
 output [ { name: "output" data_type: TYPE_FP32 dims: [ 10 ] } ]
+dynamic_batching { }
 """
 TINY_CONFIG = MLP_CONFIG.replace("mlp", "tiny").replace("256", "16").replace("10", "4")
 DIGITS_CONFIG = """\
