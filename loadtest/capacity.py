@@ -78,6 +78,7 @@ def search(
     lo: float | None = None
     hi: float | None = None
     rechecked: float | None = None
+    history: list[tuple[float, bool]] = []  # (rate asked for, stable): the step may record a rounded rate
     rate = min(max(start_rps, min_rps), max_rps)
 
     def step(r: float) -> bool:
@@ -85,6 +86,7 @@ def search(
         ok, reasons = judge(result, slo_p99_ms, max_error_rate)
         result.stable, result.unstable_because = ok, reasons
         out.steps.append(result)
+        history.append((r, ok))
         return ok
 
     while len(out.steps) < max_steps:
@@ -94,8 +96,7 @@ def search(
         else:
             hi = rate if hi is None else min(hi, rate)
             if lo is not None and lo >= rate:  # a re-check failed: the old best was luck
-                lo = max((s.offered_rps or 0.0 for s in out.steps if s.stable and (s.offered_rps or 0) < rate),
-                         default=None)  # fmt: skip
+                lo = max((r for r, stable in history if stable and r < rate), default=None)
         if lo is None:
             if hi is not None and hi / 2 < min_rps:
                 out.note = f"unstable even at {hi:g}/s"

@@ -48,8 +48,15 @@ def measure_pair(lt: LoadTest, address: str, model: str, concurrency: int, windo
 
     def perf() -> dict[str, Any]:
         extra = ["--max-trials", str(trials), "--stability-percentage", "999"]  # a fixed number of windows
-        before, cpu = serverview.snapshot(channel, model), _children_cpu_s()
-        (step,) = perf_analyzer.run(address, model, [concurrency], measurement_ms=window_ms, extra=extra)
+        for attempt in range(3):  # even with stability checks off, perf_analyzer gives up now and then here
+            before, cpu = serverview.snapshot(channel, model), _children_cpu_s()
+            try:
+                (step,) = perf_analyzer.run(address, model, [concurrency], measurement_ms=window_ms, extra=extra)
+                break
+            except RuntimeError as err:
+                if attempt == 2:
+                    raise
+                print(f"perf_analyzer failed, measuring again: {str(err)[-200:]}", file=sys.stderr, flush=True)
         cpu_us = (_children_cpu_s() - cpu) * 1e6 / max(answered(before), 1)
         return {"rps": step.infer_per_s, "p50_ms": step.p50_us / 1e3, "p99_ms": step.p99_us / 1e3,
                 "cpu_us_per_request": round(cpu_us, 1)}  # fmt: skip

@@ -64,9 +64,16 @@ def _throughput(ax: Any, steps: Sequence[StepResult], **_: Any) -> None:
         ax.set_ylabel("achieved requests/s", color="tab:blue")
         ax.set_ylim(bottom=0)
         twin = ax.twinx()
-        twin.plot(levels, [s.p99_ms for s in closed], "s--", color="tab:red", label="p99")
+        twin.plot(levels, [s.p99_ms for s in closed], "s--", color="tab:red", label="p99 latency")
         twin.set_ylabel("p99 latency (ms)", color="tab:red")
         twin.set_ylim(bottom=0)
+        for s in closed:  # the batch size the server formed, where it batched
+            batch = (s.server or {}).get("mean_batch_size")
+            if batch and batch > 1.05:
+                ax.annotate(f"batch {batch:.1f}", (s.concurrency, s.throughput_rps), textcoords="offset points",
+                            xytext=(0, 7), ha="center", fontsize=7)  # fmt: skip
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [str(h.get_label()) for h in handles], loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
         return
     opened = sorted((s for s in steps if s.loop == "open"), key=lambda s: s.offered_rps or 0)

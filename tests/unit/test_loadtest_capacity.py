@@ -83,6 +83,25 @@ def test_search_rechecks_a_lucky_pass_and_searches_below_it() -> None:
     assert [s.offered_rps for s in result.steps].count(next(iter(lucky))) == 2  # measured again, and failed
 
 
+def test_a_failed_recheck_never_measures_the_same_rate_again_even_when_rates_are_rounded() -> None:
+    server = MM1(mu=1000.0)
+    truth = server.capacity(50.0)
+    failed_once: set[float] = set()
+
+    def flaky(rate: float) -> StepResult:  # every stable rate fails its second measurement once
+        rate = round(rate, 1)  # as the CLI records it
+        result = server.measure(rate)
+        if rate <= truth and rate in failed_once:
+            return step(rate, 500.0)
+        failed_once.add(rate)
+        return result
+
+    result = search(flaky, 700.0, 50.0, tolerance=0.03, max_steps=30)
+    rates = [s.offered_rps for s in result.steps]
+    assert max(rates.count(r) for r in rates) <= 2
+    assert result.capacity_rps is None or result.capacity_rps <= truth
+
+
 def test_search_respects_its_step_cap_and_reports_unreachable_slos() -> None:
     server = MM1(mu=1000.0)
     capped = search(server.measure, 10.0, 50.0, tolerance=0.001, max_steps=4)
