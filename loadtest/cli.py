@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of requests repeating a few fixed ones (exercises the result cache)",
     )
-    p.add_argument("--processes", type=int, default=min(4, os.cpu_count() or 1), help="load generator processes")
+    p.add_argument("--processes", type=int, default=default_processes(), help="load generator processes (default: "
+                   "half the CPUs, 1 to 4: a loopback target needs the rest)")  # fmt: skip
     p.add_argument("--max-requests", type=int, default=1_000_000, metavar="N", help="cap on requests per step")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-request deadline, also the "
                    "longest drain after a step (10)")  # fmt: skip
@@ -74,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="live progress: rich on a terminal, plain lines otherwise (auto)",
     )
+
+
+def default_processes() -> int:
+    """Half the CPUs, between 1 and 4: the server under test usually runs on the same machine and needs the rest
+    (a Python gRPC client spends about 2.5 times perf_analyzer's CPU per request; see BENCHMARKS.md)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def parse_levels(text: str, what: str) -> list[float]:
