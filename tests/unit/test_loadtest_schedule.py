@@ -106,6 +106,7 @@ def stalling_server() -> Iterator[tuple[str, Stalling, asyncio.AbstractEventLoop
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()
 
 
 def test_open_loop_charges_latency_from_the_intended_send_time(
