@@ -42,6 +42,7 @@ from kernels.stats import empty_moments, histogram, histogram_ref, merge_moments
 from kernels.tabular import FeatureSteps, feature_map, feature_map_ref, one_hot, one_hot_ref
 from loadtest import perf_analyzer
 from loadtest.bench import ROOT, ferry_command, ferry_stats, machine, replace_section, serving, stage_times
+from loadtest.kernel_prange import prange_cases
 
 START, END = "<!-- bench:kernels:start -->", "<!-- bench:kernels:end -->"
 BATCHES = (1, 16, 64)
@@ -116,64 +117,6 @@ def tabular_steps(width: int) -> FeatureSteps:
     )
 
 
-def prange_cases(rows: int, rng: np.random.Generator) -> dict[str, tuple[Call, Call]]:
-    """(serial, prange) callables of the two pipelines: the parallel variants parallelize over batch rows."""
-    images = rng.integers(0, 256, (rows, 64, 64, 3), dtype=np.uint8)
-    spec = imgcls_spec()
-    out = np.empty((rows, 3, 56, 56), dtype=np.float32)
-    x = rng.standard_normal((rows, 64)).astype(np.float32)
-    steps = tabular_steps(64)
-    features = np.empty_like(x)
-    args = (images, spec.rows[0], spec.cols[0], spec.src_channel, spec.scale, spec.mean, spec.std, out)
-    return {
-        "image: crop 56, normalize (imgcls)": (
-            lambda: image_to_nchw(images, spec),
-            lambda: _image_prange(*args),
-        ),
-        "tabular: impute → standardize → clip, 64 features": (
-            lambda: feature_map(x, steps),
-            lambda: _features_prange(x, steps.codes, steps.params, features),
-        ),
-    }
-
-
-@numba.njit(nogil=True, parallel=True)
-def _image_prange(images, ys, xs, src, scale, mean, std, out):  # the served kernel's loop, prange over images
-    n_images, channels, out_h, out_w = out.shape
-    table = np.empty((channels, 256), dtype=np.float32)
-    for c in range(channels):
-        for p in range(256):
-            table[c, p] = (np.float32(p) * scale - mean[c]) / std[c]
-    left = xs[0]
-    for n in numba.prange(n_images):
-        for c in range(channels):
-            for y in range(out_h):
-                row = images[n, ys[y], left : left + out_w, src[c]]
-                for x in range(out_w):
-                    out[n, c, y, x] = table[c, row[x]]
-
-
-@numba.njit(nogil=True, parallel=True)
-def _features_prange(x, codes, params, out):  # the served kernel's passes, row by row, prange over rows
-    rows, width = out.shape
-    for n in numba.prange(rows):
-        row = out[n]
-        row[:] = x[n]
-        for s in range(codes.shape[0]):
-            p0 = params[s, 0]
-            p1 = params[s, 1]
-            if codes[s] == 0:
-                for j in range(width):
-                    row[j] = p0[j] if np.isnan(row[j]) else row[j]
-            elif codes[s] == 1:
-                for j in range(width):
-                    v = p0[j] if row[j] < p0[j] else row[j]
-                    row[j] = p1[j] if v > p1[j] else v
-            else:
-                for j in range(width):
-                    row[j] = (row[j] - p0[j]) / p1[j]
-
-
 def time_pair(first: Call, second: Call, settings: Settings) -> tuple[float, float, list[float]]:
     """Best µs per call of each over alternating rounds, and the per-round ratios second ÷ first."""
     first(), second()  # compile, fill caches
@@ -208,7 +151,7 @@ def bench_kernels(settings: Settings) -> tuple[list[dict[str, Any]], list[dict[s
             kernels.append({"kernel": name, "batch": rows, "numba_us": numba_us, "numpy_us": numpy_us,
                             "speedup": numpy_us / numba_us, "ratios": ratios})  # fmt: skip
             print(f"  {name} b{rows}: numpy {numpy_us:,.1f} µs, numba {numba_us:,.1f} µs", flush=True)
-        for name, (serial, prange) in prange_cases(rows, rng).items():
+        for name, (serial, prange) in prange_cases(rows, rng, imgcls_spec(), tabular_steps(64)).items():
             prange_us, serial_us, ratios = time_pair(prange, serial, settings)  # ratios: serial ÷ prange
             parallel.append({"kernel": name, "batch": rows, "serial_us": serial_us, "prange_us": prange_us,
                              "serial_over_prange": serial_us / prange_us, "ratios": ratios})  # fmt: skip
