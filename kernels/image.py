@@ -58,8 +58,8 @@ class ImageSpec:
         resize: tuple[int, int] | None = None,
         crop: tuple[int, int] | None = None,
         scale: float = 1.0,
-        mean: np.ndarray | list[float] | None = None,
-        std: np.ndarray | list[float] | None = None,
+        mean: np.ndarray | list[float] | float | None = None,
+        std: np.ndarray | list[float] | float | None = None,
         input_order: str = "RGB",
         output_order: str = "RGB",
     ) -> ImageSpec:
@@ -112,9 +112,11 @@ class ImageSpec:
         return (self.channels, len(self.rows[0]), len(self.cols[0]))
 
 
-def _per_channel(values: np.ndarray | list[float] | None, default: float, channels: int, name: str) -> np.ndarray:
-    if values is None:
-        return np.full(channels, default, dtype=np.float32)
+def _per_channel(
+    values: np.ndarray | list[float] | float | None, default: float, channels: int, name: str
+) -> np.ndarray:
+    if values is None or np.ndim(values) == 0:  # one number for every channel
+        return np.full(channels, default if values is None else values, dtype=np.float32)
     array = np.asarray(values, dtype=np.float32).reshape(-1)
     if array.size != channels:
         raise ValueError(f"{name} has {array.size} values for {channels} channels")

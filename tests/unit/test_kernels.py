@@ -84,6 +84,8 @@ def test_image_geometry_and_channel_order() -> None:
     resized = image_to_nchw(flat, ImageSpec.build(7, 9, 1, resize=(13, 4), scale=0.5))
     np.testing.assert_array_equal(resized, np.full((1, 1, 13, 4), 100, dtype=np.float32))
     same = ImageSpec.build(5, 6, 3, resize=(5, 6))
+    one_number = ImageSpec.build(5, 6, 3, mean=0.5, std=2.0)  # broadcast to every channel
+    assert one_number.mean.tolist() == [0.5] * 3 and one_number.std.tolist() == [2.0] * 3
     np.testing.assert_array_equal(image_to_nchw(images, same), images.transpose(0, 3, 1, 2).astype(np.float32))
 
 
