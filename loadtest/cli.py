@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of requests repeating a few fixed ones (exercises the result cache)",
     )
     p.add_argument("--processes", type=int, default=default_processes(), help="load generator processes (default: "
-                   "half the CPUs, 1 to 4: a loopback target needs the rest)")  # fmt: skip
+                   "one per CPU, at most 4)")  # fmt: skip
     p.add_argument("--max-requests", type=int, default=1_000_000, metavar="N", help="cap on requests per step")
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-request deadline, also the "
                    "longest drain after a step (10)")  # fmt: skip
@@ -78,9 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def default_processes() -> int:
-    """Half the CPUs, between 1 and 4: the server under test usually runs on the same machine and needs the rest
-    (a Python gRPC client spends about 2.5 times perf_analyzer's CPU per request; see BENCHMARKS.md)."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+    """One per CPU, at most 4. Fewer processes leave more CPU to a server on the same machine (a Python gRPC client
+    spends about 2.5 times perf_analyzer's CPU per request) but serialize more answers on each event loop: on 2
+    shared cores, 1 process measured 0.68 of perf_analyzer at concurrency 4 where 2 measured 0.88 (BENCHMARKS.md)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def parse_levels(text: str, what: str) -> list[float]:
