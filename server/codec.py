@@ -37,7 +37,10 @@ def decode_inputs(request: pb.ModelInferRequest, model: ModelVersion) -> tuple[d
             raise InvalidArgument(f"{_what(model, name)}: given more than once")
         datatype = spec.datatype
         if tensor.datatype != datatype.name:
-            raise InvalidArgument(f"{_what(model, name)}: expected datatype {datatype.name}, got {tensor.datatype!r}")
+            raise InvalidArgument(
+                f"{_what(model, name)}: expected datatype {datatype.name} (shape {list(spec.wire)}), "
+                f"got {tensor.datatype!r}"
+            )
         shape = list(tensor.shape)
         expected = spec.wire
         if len(shape) != len(expected) or any(d < 0 or e not in (-1, d) for e, d in zip(expected, shape)):  # noqa: B905

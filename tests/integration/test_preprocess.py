@@ -117,7 +117,7 @@ def test_imgcls_single_request(client: Client, repo: Path) -> None:
         ((1, 64, 64, 4), np.uint8, r"expected shape \[-1, 64, 64, 3\], got \[1, 64, 64, 4\]"),
         ((1, 3, 64, 64), np.uint8, r"expected shape \[-1, 64, 64, 3\], got \[1, 3, 64, 64\]"),  # NCHW sent
         ((64, 64, 3), np.uint8, r"expected shape \[-1, 64, 64, 3\] \(rank 4\), got \[64, 64, 3\]"),
-        ((1, 64, 64, 3), np.float32, r"expected datatype UINT8, got 'FP32'"),
+        ((1, 64, 64, 3), np.float32, r"expected datatype UINT8 \(shape \[-1, 64, 64, 3\]\), got 'FP32'"),
     ],
 )
 def test_bad_images_are_invalid_arguments(client: Client, shape: tuple[int, ...], dtype: type, message: str) -> None:

@@ -92,7 +92,7 @@ CASES = {
     "wrong datatype": (
         request_for("add", {"a": ONES.astype(np.int32), "b": ONES}),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "model 'add' version 1 input 'a': expected datatype FP32, got 'INT32'",
+        r"model 'add' version 1 input 'a': expected datatype FP32 \(shape \[-1, 4\]\), got 'INT32'",
     ),
     "wrong rank": (
         request_for("add", {"a": np.ones((2, 4, 1), np.float32), "b": ONES}),
