@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODELS := examples/models
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test lint protos protos-check bench perf-deps clean
+.PHONY: setup models run test lint protos bench perf-deps clean
 
 setup: $(STAMP)
 
@@ -39,8 +39,11 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
+# Every figure in BENCHMARKS.md, each as a ratio to a baseline measured in the same run (~25 minutes).
 bench: models perf-deps
 	$(BIN)/python -m loadtest.bench --models $(MODELS) --out bench-out
+	$(BIN)/python -m loadtest.bench_batching --models $(MODELS) --out bench-out
+	$(BIN)/python -m loadtest.bench_observability --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.kernel_bench --models $(MODELS) --out bench-out
 
 clean:
