@@ -72,9 +72,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def steps_table(steps: Sequence[StepResult]) -> list[str]:
     lines = [
-        "| # | phase | load | req/s | rows/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors "
-        "| server queue ms | server compute ms | batch | cache hits | verdict |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| # | phase | load | req/s | rows/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | send lag p99 ms "
+        "| errors | server ms | server queue ms | server compute ms | batch | cache hits | verdict |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in steps:
         load = f"c={s.concurrency}" if s.loop == "closed" else f"{s.offered_rps:g}/s{' poisson' if s.poisson else ''}"
@@ -85,7 +85,8 @@ def steps_table(steps: Sequence[StepResult]) -> list[str]:
         lat = s.latency_ms
         lines.append(
             f"| {s.index} | {s.phase} | {load} | {_fmt(s.throughput_rps)} | {_fmt(s.rows_per_s)} | {_fmt(lat['p50'])} "
-            f"| {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['p99.9'])} | {_fmt(lat['max'])} | {errors} "
+            f"| {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['p99.9'])} | {_fmt(lat['max'])} "
+            f"| {_fmt(s.send_lag_ms['p99'])} | {errors} | {_fmt(server.get('request_ms'))} "
             f"| {_fmt(server.get('queue_ms'))} | {_fmt(server.get('compute_infer_ms'))} "
             f"| {_fmt(server.get('mean_batch_size'))} | {'-' if hit is None else f'{hit:.0%}'} | {verdict} |"
         )
@@ -107,8 +108,10 @@ def summary(report: Mapping[str, Any], steps: Sequence[StepResult]) -> str:
         f"{settings['inputs']}; duplicate fraction {settings['duplicate_fraction']:g}; request timeout "
         f"{settings['timeout_s']:g} s; at most {settings['max_requests']:,} requests a step.",
         f"- {LATENCY_NOTE}",
-        "- Server columns come from `ModelStatistics` deltas over each window: mean queue and compute (per "
-        "execution) time, mean batch size (Δinference_count / Δexecution_count), cache hit rate.",
+        "- Server columns come from `ModelStatistics` deltas over each window: mean time in the server, in its "
+        "queue and in compute (per execution), mean batch size (Δinference_count / Δexecution_count), cache hit "
+        "rate. A client p99 far above the server's times, with a large send lag, means the machine (or the "
+        "generator) stalled, not the model.",
         "",
         "## Steps",
         "",
