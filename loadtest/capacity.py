@@ -32,10 +32,18 @@ def judge(step: StepResult, slo_p99_ms: float | None, max_error_rate: float) -> 
         reasons.append(f"p99 {step.p99_ms:.3g} ms > SLO {slo_p99_ms:g} ms")
     if step.error_rate > max_error_rate:
         reasons.append(f"error rate {step.error_rate:.3%} > {max_error_rate:.3%}")
-    sent_rate = step.requests / step.window_s if step.window_s else 0.0
-    if step.loop == "open" and sent_rate and step.throughput_rps < KEEP_UP * sent_rate:
-        reasons.append(f"falling behind: {step.throughput_rps:.4g}/s answered of {sent_rate:.4g}/s sent")
+    if not keeps_up(step):
+        reasons.append(f"falling behind: {step.throughput_rps:.4g}/s answered of {sent_rate(step):.4g}/s sent")
     return not reasons, reasons
+
+
+def sent_rate(step: StepResult) -> float:
+    return step.requests / step.window_s if step.window_s else 0.0
+
+
+def keeps_up(step: StepResult) -> bool:
+    """Whether answers arrived at >= KEEP_UP of the rate requests were sent (always true for a closed loop)."""
+    return step.loop != "open" or not sent_rate(step) or step.throughput_rps >= KEEP_UP * sent_rate(step)
 
 
 @dataclass(slots=True)

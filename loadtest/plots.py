@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,16 @@ def _latency(
 ) -> None:
     opened = [s for s in steps if s.loop == "open"]
     chosen = sorted(opened or steps, key=lambda s: s.x_rate)
-    xs = [s.x_rate for s in chosen]
+    by_rate: dict[float, list[StepResult]] = {}
+    for s in chosen:  # a capacity search measures some rates twice: a line through medians, every point marked
+        by_rate.setdefault(round(s.x_rate, 3), []).append(s)
+    xs = sorted(by_rate)
     for key, style in (("p50", "o-"), ("p90", "^-"), ("p99", "s-"), ("p99.9", "d-")):
-        ax.plot(xs, [max(s.latency_ms[key], 1e-3) for s in chosen], style, markersize=4, label=key)
+        line = ax.plot(xs, [max(statistics.median(s.latency_ms[key] for s in by_rate[x]), 1e-3) for x in xs], style,
+                       markersize=4, label=key)  # fmt: skip
+        repeats = [(x, s.latency_ms[key]) for x in xs if len(by_rate[x]) > 1 for s in by_rate[x]]
+        if repeats:
+            ax.plot(*zip(*repeats, strict=True), style[0], markersize=4, alpha=0.4, color=line[0].get_color())
     ax.set_yscale("log")
     ax.set_xlabel("offered requests/s (open loop)" if opened else "achieved requests/s (closed loop)")
     ax.set_ylabel("latency from intended send (ms)")

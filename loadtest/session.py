@@ -138,7 +138,9 @@ class Session:
         }  # fmt: skip
 
     def knee(self) -> tuple[float, float] | None:
-        opened = [s for s in self.steps if s.loop == "open" and s.ok]
+        """Over the open-loop steps the server kept up with: where it fell behind, the queue grew for the whole
+        window, so the latency measured there says how long the window was, not where the curve bends."""
+        opened = [s for s in self.steps if s.loop == "open" and s.ok and capacity.keeps_up(s)]
         chosen = opened or [s for s in self.steps if s.ok]
         return capacity.knee([(s.x_rate, s.p99_ms) for s in chosen])
 
