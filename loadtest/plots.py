@@ -117,5 +117,5 @@ def _latency(
         ax.axvline(capacity_rps, color="green", linestyle=":", linewidth=1.2, label=f"capacity {capacity_rps:,.0f}/s")
     if knee is not None:
         ax.plot([knee[0]], [knee[1]], "*", color="black", markersize=12, label=f"knee {knee[0]:,.0f}/s")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.8)
     ax.grid(alpha=0.3, which="both")
