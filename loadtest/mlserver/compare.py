@@ -320,6 +320,7 @@ def sweep(venv: Path, models: Path, shape: dict[str, Shape], settings: Settings,
 
     def stage(number: int, configs: list[mls_config.MLServerConfig]) -> mls_config.MLServerConfig:
         """Measure ``configs`` side by side; return the best with batching on (scored on this stage's passes)."""
+        configs = list(dict.fromkeys(configs))  # an override equal to the base is measured once
         with contextlib.ExitStack() as stack:
             running = {c: stack.enter_context(mlserver(venv, models, c, log)) for c in configs}
             for server in running.values():
@@ -433,6 +434,7 @@ def render(results: dict[str, Any]) -> str:
             f"({'met' if ratio >= 3 else 'not met'}); ÷ MLServer unbatched {p['mlserver-unbatched']:,.0f} req/s = "
             f"{p['ferry'] / p['mlserver-unbatched']:.2f}."
         )
+    lines += ["", *_observations(results)]
     if any("perf_analyzer" in c for c in results["cases"]):
         lines += [
             "",
@@ -479,6 +481,26 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _observations(results: dict[str, Any]) -> list[str]:
+    """Plain facts read off this run's numbers, so that the section explains itself after every rerun."""
+    cases = [c for c in results["cases"] if "mlserver-unbatched" in c["drive"]]
+    out = []
+    if cases:
+        slower = sum(_mean(c["drive"]["mlserver"], "infer_per_s") < _mean(c["drive"]["mlserver-unbatched"],
+                                                                         "infer_per_s") for c in cases)  # fmt: skip
+        out.append(f"- MLServer's adaptive batching was slower than the same server without it at {slower} of "
+                   f"{len(cases)} (model, concurrency) points of this run.")  # fmt: skip
+    client = [r["client_cpu_us_per_request"] for c in results["cases"] for runs in c["drive"].values() for r in runs]
+    if client:
+        out.append(f"- drive.py itself used {statistics.fmean(client):,.0f} µs of CPU per request (mean over all "
+                   "runs) on the same two cores: Python gRPC's client cost caps both servers and compresses the "
+                   "ratios; perf_analyzer's C++ client, below, costs less.")  # fmt: skip
+    sw = results.get("sweep")
+    if sw and "duration_s_total" in sw:
+        out.append(f"- The `--sweep` took {sw['duration_s_total']:,.0f} s of the run.")
+    return out
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 
 
@@ -514,7 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short windows, one round: a smoke run")
     parser.add_argument("--doc", type=Path, help="file whose bench:mlserver section to rewrite "
                         "(default BENCHMARKS.md; a --quick run writes none unless given)")  # fmt: skip
+    parser.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the section from a "
+                        "saved mlserver-compare.json")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render:
+        section = render(json.loads(args.render.read_text()))
+        print(section)
+        if args.doc or not args.quick:
+            doc = args.doc or ROOT / "BENCHMARKS.md"
+            doc.write_text(bench.replace_section(doc.read_text() if doc.exists() else "", section, START, END))
+        return 0
     # SIGTERM unwinds like Ctrl-C, so the servers' `finally` blocks stop them
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     levels = sorted({int(x) for x in args.concurrency.split(",")})
@@ -544,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with (args.out / "mlserver-servers.log").open("w") as log:
         if args.sweep:
             print("MLServer configurations:", flush=True)
+            swept = time.perf_counter()
             found = sweep(venv, models, shape, settings, log)
+            found["duration_s_total"] = time.perf_counter() - swept
             config = found.pop("best_config")
             found["date"] = results["date"]
             results["sweep"] = found

@@ -53,8 +53,10 @@ class MLServerConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
-# The best configuration found by `python -m loadtest.mlserver.compare --sweep` on this machine (see BENCHMARKS.md).
-BEST = MLServerConfig()
+# The best configuration with batching on found by `python -m loadtest.mlserver.compare --sweep` on this machine
+# (2026-11-26, see BENCHMARKS.md): parallel_workers 0 clearly beat 1 and 2; the batching knobs, intra-op threads,
+# debug and metrics moved throughput by less than the machine's noise, and MLServer without batching was faster.
+BEST = MLServerConfig(max_batch_size=16, max_batch_time=0.001, intra_op_threads=1)
 
 # What --sweep tries, in two stages: batching knobs with everything else at BEST's values, then the server knobs
 # on the best batching (measured again beside them). Each entry overrides BEST.
@@ -73,6 +75,7 @@ SWEEP_SERVER: tuple[dict[str, object], ...] = (
     {"parallel_workers": 2},
     {"debug": True, "metrics": True},  # MLServer's defaults for both
     {"intra_op_threads": 1},
+    {"intra_op_threads": 2},
 )
 
 

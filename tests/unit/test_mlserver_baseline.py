@@ -78,7 +78,13 @@ def test_drive_counts_answers_from_a_real_server(example_repo: Path) -> None:
 
 def test_render_writes_ratios_and_its_section_only() -> None:
     def run(rate: float) -> dict[str, float]:
-        return {"infer_per_s": rate, "p50_us": 1000.0, "p99_us": 5000.0, "server_cpu_us_per_request": 300.0}
+        return {
+            "infer_per_s": rate,
+            "p50_us": 1000.0,
+            "p99_us": 5000.0,
+            "server_cpu_us_per_request": 300.0,
+            "client_cpu_us_per_request": 200.0,
+        }
 
     results = {
         "date": "today",
@@ -100,6 +106,7 @@ def test_render_writes_ratios_and_its_section_only() -> None:
     section = compare.render(results)
     assert "| tiny | 8 | 100 | 150 | 400 | **4.00** (4.00) | 2.67 |" in section
     assert "= **4.00** (met)" in section
+    assert "slower than the same server without it at 1 of 1" in section and "200 µs of CPU" in section
     core = "<!-- bench:core:start -->\nother\n<!-- bench:core:end -->"
     doc = f"intro\n\n{core}\n\n{compare.START}\nSTALE-SECTION\n{compare.END}\n"
     updated = compare.bench.replace_section(doc, section, compare.START, compare.END)
