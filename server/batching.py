@@ -97,6 +97,8 @@ class Batcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._exec_estimate_s = 0.0  # moving average of batch run time, to leave room before deadlines
+        # A lone request may skip the queue only when no window would hold it back for company.
+        self._runs_at_once = not policy.batching or policy.max_queue_delay_s == 0
 
     @property
     def queued(self) -> int:
@@ -141,6 +143,15 @@ class Batcher:
             deadline = timeout_at if deadline is None else min(deadline, timeout_at)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         item = Pending(payload, rows, signature, level, now, deadline, timeout_at, future)
+        if self._queued == 0 and not self._free.locked() and self._runs_at_once:
+            # Nothing waits and an instance is free: run it now in the caller's task. This skips the dispatcher's
+            # round trip (a wake-up, a task, a future), several event-loop turns that cost more than a small model.
+            if deadline is not None and now >= deadline:
+                raise _expired(self.name, item, now)
+            await self._free.acquire()  # free, so this does not yield: nothing can take the slot first
+            item.started = now
+            await self._execute([item])
+            return future.result(), 0.0
         self._queues[level].append(item)
         self._queued += 1
         self._arrived.set()
@@ -168,26 +179,37 @@ class Batcher:
         self._queued = 0
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        for _ in range(self.policy.instances):  # and those run in their callers' tasks: every slot comes back
+            await self._free.acquire()
 
     async def _dispatch(self) -> None:
-        while True:
-            await self._free.acquire()
-            batch = await self._next_batch()
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _next_batch(self) -> list[Pending]:
-        """Wait until a batch should leave, then take it off the queues."""
         while True:
             if self._queued == 0:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
+            await self._free.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:  # cancelled by close() while a window was open: give the slot back
+                self._free.release()
+                raise
+            if not batch:  # what was queued expired or was cancelled while we waited
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[Pending]:
+        """Wait until a batch should leave, then take it off the queues ([] when nothing is left to run)."""
+        while True:
+            if self._queued == 0:
+                return []
             now = self._clock()
             batch, full = self._scan(now)
             if not batch:
-                continue  # everything queued had expired or was cancelled
+                return []  # everything queued had expired or was cancelled
             if full or not self.policy.batching:
                 return self._take(batch)
             leave_at = min(p.enqueued for p in batch) + self.policy.max_queue_delay_s

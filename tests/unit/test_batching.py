@@ -334,3 +334,28 @@ def test_close_fails_queued_and_drains_running() -> None:
             await batcher.submit("after", 1)
 
     run(test)
+
+
+def test_a_lone_request_runs_in_its_callers_task_and_close_waits_for_it() -> None:
+    async def test() -> None:
+        tasks_seen: list[asyncio.Task[Any] | None] = []
+        gate = asyncio.Event()
+
+        async def model(payloads: list[Any]) -> list[Any]:
+            tasks_seen.append(asyncio.current_task())
+            await gate.wait()
+            return payloads
+
+        batcher = Batcher(policy(max_batch_rows=8), model, "m")
+        batcher.start()
+        caller = asyncio.ensure_future(batcher.submit("alone", 1))
+        await asyncio.sleep(0)
+        assert tasks_seen == [caller]  # no hop through the dispatcher
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        assert not closing.done()  # the direct run still holds its instance
+        gate.set()
+        assert (await asyncio.wait_for(caller, WAIT_S)) == ("alone", 0.0)
+        await asyncio.wait_for(closing, WAIT_S)
+
+    run(test)
