@@ -39,12 +39,16 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
 
-# Every figure in BENCHMARKS.md, each as a ratio to a baseline measured in the same run (~25 minutes).
+# Every figure in BENCHMARKS.md, each as a ratio to a baseline measured in the same run (about 40 minutes):
+# Ferry's own load generator is cross-checked against perf_analyzer, and MLServer gets its own venv.
 bench: models perf-deps
 	$(BIN)/python -m loadtest.bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.bench_batching --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.bench_observability --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.kernel_bench --models $(MODELS) --out bench-out
+	$(BIN)/python -m loadtest.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	bash loadtest/mlserver/setup.sh
+	$(BIN)/python -m loadtest.mlserver.compare --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(MODELS) bench-out .pytest_cache .mypy_cache .ruff_cache
