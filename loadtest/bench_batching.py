@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -217,39 +217,55 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+Measure = Callable[[Path, Path, Settings, IO[str]], dict[str, Any]]
+
+
+def bench_main(
+    name: str,
+    argv: Sequence[str] | None,
+    measure: Measure,
+    render_section: Callable[[dict[str, Any]], str],
+    markers: tuple[str, str],
+    rounds: int = 2,
+) -> int:
+    """The command line shared by the benchmark modules: run ``measure``, write ``<out>/results-<name>.json``, print
+    the section and put it between ``markers`` in BENCHMARKS.md (a ``--quick`` run writes no document)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_batching", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m loadtest.bench_{name}")
     parser.add_argument("--models", type=Path, default=ROOT / "examples" / "models")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--quick", action="store_true", help="short windows, one round: a smoke run")
-    parser.add_argument("--doc", type=Path, help="file whose bench:batching section to rewrite (default BENCHMARKS.md)")
+    parser.add_argument("--doc", type=Path, help="file whose section to rewrite (default BENCHMARKS.md)")
     args = parser.parse_args(argv)
     ok, why = perf_analyzer.usable()
     if not ok:
         print(f"bench: {why}", file=sys.stderr)
         return 2
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.quick() if args.quick else Settings(rounds=rounds)
     doc = args.doc or (None if args.quick else ROOT / "BENCHMARKS.md")
     args.out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "command": f"python -m loadtest.bench_batching {' '.join(argv)}".strip(),
+        "command": f"python -m loadtest.bench_{name} {' '.join(argv)}".strip(),
         "settings": {"measurement_ms": settings.measurement_ms, "trials": settings.trials, "rounds": settings.rounds},
     }
-    with tempfile.TemporaryDirectory() as work, (args.out / "servers-batching.log").open("w") as log:
-        results["runs"] = measure_all(args.models.resolve(), Path(work), settings, log)
+    with tempfile.TemporaryDirectory() as work, (args.out / f"servers-{name}.log").open("w") as log:
+        results["runs"] = measure(args.models.resolve(), Path(work), settings, log)
     results["duration_s"] = time.perf_counter() - started
     results["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
-    (args.out / "results-batching.json").write_text(json.dumps(results, indent=2) + "\n")
-    section = render(results)
+    (args.out / f"results-{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    section = render_section(results)
     print(section)
     if doc is not None:
-        doc.write_text(replace_section(doc.read_text() if doc.exists() else "", section, START, END))
-        print(f"bench: wrote {args.out / 'results-batching.json'} and {doc}")
+        doc.write_text(replace_section(doc.read_text() if doc.exists() else "", section, *markers))
+        print(f"bench: wrote {args.out / f'results-{name}.json'} and {doc}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return bench_main("batching", argv, measure_all, render, (START, END))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,12 @@ collector; the scraper GETs ``/metrics`` once a second, as Prometheus would.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -30,9 +25,8 @@ from typing import IO, Any
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from loadtest import perf_analyzer
-from loadtest.bench import ROOT, Running, Settings, check_answers, ferry_command, machine, replace_section, serving
-from loadtest.bench_batching import paired
+from loadtest.bench import Running, Settings, check_answers, ferry_command, serving
+from loadtest.bench_batching import bench_main, paired
 
 START, END = "<!-- bench:observability:start -->", "<!-- bench:observability:end -->"
 CONCURRENCY = 16
@@ -178,37 +172,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_observability")
-    parser.add_argument("--models", type=Path, default=ROOT / "examples" / "models")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--doc", type=Path)
-    args = parser.parse_args(argv)
-    ok, why = perf_analyzer.usable()
-    if not ok:
-        print(f"bench: {why}", file=sys.stderr)
-        return 2
-    settings = Settings.quick() if args.quick else Settings(rounds=1)
-    doc = args.doc or (None if args.quick else ROOT / "BENCHMARKS.md")
-    args.out.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), os.getloadavg()[0]
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "command": f"python -m loadtest.bench_observability {' '.join(argv)}".strip(),
-        "settings": {"measurement_ms": settings.measurement_ms, "trials": settings.trials, "rounds": settings.rounds},
-    }
-    with tempfile.TemporaryDirectory() as work, (args.out / "servers-observability.log").open("w") as log:
-        results["runs"] = measure_all(args.models.resolve(), Path(work), settings, log)
-    results["duration_s"] = time.perf_counter() - started
-    results["load_average_1m"] = {"start": load_start, "end": os.getloadavg()[0]}
-    (args.out / "results-observability.json").write_text(json.dumps(results, indent=2) + "\n")
-    section = render(results)
-    print(section)
-    if doc is not None:
-        doc.write_text(replace_section(doc.read_text() if doc.exists() else "", section, START, END))
-    return 0
+    return bench_main("observability", argv, measure_all, render, (START, END), rounds=1)
 
 
 if __name__ == "__main__":
