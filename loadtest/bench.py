@@ -23,6 +23,7 @@ import os
 import queue
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ CONCURRENCY = (1, 8, 32)
 STREAM_CONCURRENCY = 8
 RAW_BATCHES = (1, 16, 64)
 READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 20
 STAT_PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
@@ -81,34 +83,50 @@ class Running:
 
 
 @contextlib.contextmanager
-def serving(name: str, cmd: Sequence[str], ready_prefix: str, log: IO[str]) -> Iterator[Running]:
-    """Start ``cmd``, wait for its ready line on stdout (``... grpc=HOST:PORT ...``), stop it in ``finally``."""
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+def serving(
+    name: str,
+    cmd: Sequence[str],
+    ready_prefix: str,
+    log: IO[str],
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+) -> Iterator[Running]:
+    """Start ``cmd`` in its own process group, wait for ``READY_PREFIX ... grpc=HOST:PORT`` on its stdout (copied to
+    ``log``, as its stderr is), and in ``finally`` stop it: SIGTERM, wait, then SIGKILL to whatever is left of its
+    group."""
+    log.write(f"=== {name}: {shlex.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
+                            start_new_session=True)  # fmt: skip
     assert proc.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
-    drain = threading.Thread(target=_drain, args=(proc.stdout, lines), name=f"{name}-stdout", daemon=True)
+    drain = threading.Thread(target=_drain, args=(proc.stdout, lines, log), name=f"{name}-stdout", daemon=True)
     drain.start()
     try:
-        yield Running(name, proc.pid, _await_ready(shlex.join(cmd), lines, ready_prefix))
+        yield Running(name, proc.pid, _await_ready(name, lines, ready_prefix))
     finally:
         proc.terminate()
         try:
-            proc.wait(15)
+            proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any outlived it (the group is the one it leads)
         drain.join(5)
         proc.stdout.close()
 
 
-def _drain(stdout: IO[str], lines: queue.Queue[str | None]) -> None:
+def _drain(stdout: IO[str], lines: queue.Queue[str | None], log: IO[str]) -> None:
     """Keep reading, so that a chatty server never blocks on a full pipe; None marks the end."""
     for line in stdout:
+        log.write(line)
         lines.put(line)
+    log.flush()
     lines.put(None)
 
 
-def _await_ready(what: str, lines: queue.Queue[str | None], prefix: str) -> str:
+def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str) -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while (left := deadline - time.monotonic()) > 0:
         try:
@@ -116,11 +134,11 @@ def _await_ready(what: str, lines: queue.Queue[str | None], prefix: str) -> str:
         except queue.Empty:
             break
         if line is None:
-            raise RuntimeError(f"{what} exited before it was ready (its stderr is in the bench log)")
+            raise RuntimeError(f"{name} exited before it was ready (its output is in the servers log)")
         found = re.search(r"grpc=([\w.\-]+:\d+)", line)
         if line.startswith(prefix) and found:
             return found.group(1)
-    raise RuntimeError(f"{what} printed no ready line within {READY_TIMEOUT_S}s")
+    raise RuntimeError(f"{name} printed no ready line within {READY_TIMEOUT_S}s")
 
 
 def ferry_command(models: Path) -> list[str]:

@@ -31,8 +31,6 @@ import datetime
 import json
 import math
 import os
-import queue
-import re
 import shlex
 import shutil
 import signal
@@ -40,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -51,6 +48,7 @@ import numpy as np
 import onnxruntime as ort
 
 from loadtest import bench, perf_analyzer
+from loadtest.bench import Running, serving
 from loadtest.mlserver import config as mls_config
 from loadtest.mlserver import drive
 
@@ -59,8 +57,6 @@ HERE = Path(__file__).resolve().parent
 START, END = "<!-- bench:mlserver:start -->", "<!-- bench:mlserver:end -->"
 MODELS = ("mlp", "tiny")
 CONCURRENCY = (1, 8, 32, 64)
-READY_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,64 +78,6 @@ class Settings:
 
 
 # --- servers --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Running:
-    name: str
-    pid: int
-    address: str
-
-
-@contextlib.contextmanager
-def serving(name: str, cmd: Sequence[str], ready_prefix: str, log: IO[str], env: dict[str, str] | None = None,
-            cwd: Path = ROOT) -> Iterator[Running]:  # fmt: skip
-    """Start ``cmd`` in its own process group, wait for ``READY_PREFIX ... grpc=HOST:PORT`` on its stdout (copied to
-    ``log``), and in ``finally`` stop it: SIGTERM, wait, then SIGKILL to whatever is left of its group."""
-    log.write(f"=== {name}: {shlex.join(cmd)}\n")
-    log.flush()
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
-                            start_new_session=True)  # fmt: skip
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    drain = threading.Thread(target=_drain, args=(proc.stdout, lines, log), name=f"{name}-stdout", daemon=True)
-    drain.start()
-    try:
-        yield Running(name, proc.pid, _await_ready(name, lines, ready_prefix))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its workers, if any outlived it (the group is the one it leads)
-        drain.join(5)
-        proc.stdout.close()
-
-
-def _drain(stdout: IO[str], lines: queue.Queue[str | None], log: IO[str]) -> None:
-    for line in stdout:
-        log.write(line)
-        lines.put(line)
-    log.flush()
-    lines.put(None)
-
-
-def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            raise RuntimeError(f"{name} exited before it was ready (its output is in the servers log)")
-        found = re.search(r"grpc=([\w.\-]+:\d+)", line)
-        if line.startswith(prefix) and found:
-            return found.group(1)
-    raise RuntimeError(f"{name} printed no ready line within {READY_TIMEOUT_S}s")
 
 
 def mlserver_python(venv: Path) -> Path:
