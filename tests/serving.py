@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +76,22 @@ def background_server(
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def ferry_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run ``ferry serve ARGS`` as a subprocess and yield it with its ready line; always reaped."""
+    command = [sys.executable, "-m", "server", "serve", *args]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            yield proc, proc.stdout.readline()  # the one line printed when ready
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def grpc_address(ready_line: str) -> str:
+    """The gRPC address in ``ferry serve``'s ready line."""
+    return "127.0.0.1:" + ready_line.split("grpc=127.0.0.1:")[1].split()[0]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
-from tests.serving import BackgroundServer, background_server
+from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address
 
 MLP_BATCHED = """name: "mlp"
 max_batch_size: 64
@@ -125,26 +123,8 @@ def rss_kib(pid: int) -> int:
 
 def test_overload_is_answered_or_rejected_and_memory_stays_bounded(example_repo: Path, tmp_path: Path) -> None:
     root = repository(example_repo, tmp_path, {"mlp": MLP_SLOW_WINDOW})
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "server",
-            "serve",
-            "--model-repository",
-            str(root),
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "-1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = "127.0.0.1:" + proc.stdout.readline().split("grpc=127.0.0.1:")[1].split()[0]
+    with ferry_serve("--model-repository", str(root), "--grpc-port", "0", "--http-port", "-1") as (proc, line):
+        address = grpc_address(line)
         session = ort.InferenceSession(str(example_repo / "mlp" / "1" / "model.onnx"))
         x = np.random.default_rng(5).standard_normal((1, 256)).astype(np.float32)
         expected = session.run(None, {"input": x})[0]
@@ -154,11 +134,6 @@ def test_overload_is_answered_or_rejected_and_memory_stays_bounded(example_repo:
         for _ in range(3):  # bounded: 3 bursts of 1500 requests, far above the 16-request queue
             outcomes += asyncio.run(fire(address, [request_for("mlp", {"input": x}, id=str(i)) for i in range(1500)]))
         grown_mib = (rss_kib(proc.pid) - baseline) / 1024
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        if proc.stdout:
-            proc.stdout.close()
     answered = [o for o in outcomes if isinstance(o, pb.ModelInferResponse)]
     rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError) and o.code() == grpc.StatusCode.UNAVAILABLE]
     # grpc-core itself turns a few of a burst of error replies into CANCELLED on the client: a bare grpc.aio

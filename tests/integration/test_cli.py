@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,23 +14,9 @@ import numpy as np
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
+from tests.serving import ferry_serve
 
 FERRY = [sys.executable, "-m", "server"]
-
-
-@contextlib.contextmanager
-def ferry_serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """Run ``ferry serve ARGS`` and yield the process with its ready line; always reaped."""
-    with subprocess.Popen(
-        [*FERRY, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            yield proc, proc.stdout.readline()  # the one line printed when ready
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
 
 
 def test_serve_prints_ready_line_with_free_ports_and_stops_on_sigterm(example_repo: Path) -> None:

@@ -8,8 +8,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,7 +24,7 @@ from opentelemetry.trace import SpanKind
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from server.telemetry import Tracing
 from tests.integration.test_rpcs import request_for
-from tests.serving import BackgroundServer, background_server
+from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -163,35 +161,17 @@ def test_spans_reach_an_otlp_receiver_over_grpc(example_repo: Path) -> None:
         "OTEL_SERVICE_NAME": "ferry-under-test",
         "OTEL_TRACES_SAMPLER": "always_on",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "server",
-        "serve",
-        "--model-repository",
-        str(example_repo),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "-1",
-    ]
+    args = ("--model-repository", str(example_repo), "--grpc-port", "0", "--http-port", "-1")
     try:
-        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
-            try:
-                assert proc.stdout is not None
-                line = proc.stdout.readline()
-                address = "127.0.0.1:" + line.split("grpc=127.0.0.1:")[1].split()[0]
-                with grpc.insecure_channel(address) as channel:
-                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                    stub.ModelInfer(
-                        request_for("tiny", {"input": np.ones((1, 16), np.float32)}),
-                        metadata=[("traceparent", TRACEPARENT)],
-                    )
-                proc.send_signal(signal.SIGTERM)  # shutdown flushes the batch span processor
-                assert proc.wait(timeout=30) == 0
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+        with ferry_serve(*args, env=env) as (proc, line):
+            with grpc.insecure_channel(grpc_address(line)) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                stub.ModelInfer(
+                    request_for("tiny", {"input": np.ones((1, 16), np.float32)}),
+                    metadata=[("traceparent", TRACEPARENT)],
+                )
+            proc.send_signal(signal.SIGTERM)  # shutdown flushes the batch span processor
+            assert proc.wait(timeout=30) == 0
         names: set[str] = set()
         services: set[str] = set()
         trace_ids: set[str] = set()
