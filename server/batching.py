@@ -105,6 +105,10 @@ class Batcher:
         """Requests waiting (not yet handed to the model)."""
         return self._queued
 
+    def idle(self) -> bool:
+        """Nothing queued and an instance free: a request may run at once, in its caller's task."""
+        return self._queued == 0 and self._runs_at_once and not self._free.locked() and not self._closed
+
     def start(self) -> None:
         if self._dispatcher is None:
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher {self.name}")
@@ -143,7 +147,7 @@ class Batcher:
             deadline = timeout_at if deadline is None else min(deadline, timeout_at)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         item = Pending(payload, rows, signature, level, now, deadline, timeout_at, future)
-        if self._queued == 0 and not self._free.locked() and self._runs_at_once:
+        if self.idle():
             # Nothing waits and an instance is free: run it now in the caller's task. This skips the dispatcher's
             # round trip (a wake-up, a task, a future), several event-loop turns that cost more than a small model.
             if deadline is not None and now >= deadline:

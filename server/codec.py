@@ -25,7 +25,7 @@ def decode_inputs(request: pb.ModelInferRequest, model: ModelVersion) -> tuple[d
             f"{model.describe()}: {len(raw)} raw_input_contents for {len(inputs)} inputs; send one per input"
         )
     specs = model.input_by_name
-    mbs = model.max_batch_size
+    batching = model.max_batch_size > 0
     feeds: dict[str, np.ndarray] = {}
     rows = -1
     for i, tensor in enumerate(inputs):
@@ -33,37 +33,42 @@ def decode_inputs(request: pb.ModelInferRequest, model: ModelVersion) -> tuple[d
         spec = specs.get(name)
         if spec is None:
             raise InvalidArgument(f"{model.describe()}: unexpected input {name!r}; inputs are {list(specs)}")
+        what = model.input_what[name]
         if name in feeds:
-            raise InvalidArgument(f"{_what(model, name)}: given more than once")
+            raise InvalidArgument(f"{what}: given more than once")
         datatype = spec.datatype
         if tensor.datatype != datatype.name:
             raise InvalidArgument(
-                f"{_what(model, name)}: expected datatype {datatype.name} (shape {list(spec.wire)}), "
-                f"got {tensor.datatype!r}"
+                f"{what}: expected datatype {datatype.name} (shape {list(spec.wire)}), got {tensor.datatype!r}"
             )
-        shape = list(tensor.shape)
-        expected = spec.wire
-        if len(shape) != len(expected) or any(d < 0 or e not in (-1, d) for e, d in zip(expected, shape)):  # noqa: B905
-            raise _shape_error(shape, expected, _what(model, name))
-        if mbs > 0:
-            batch = shape[0]
-            if not 1 <= batch <= mbs:
-                raise InvalidArgument(f"{_what(model, name)}: batch size {batch} is outside 1..{mbs} (max_batch_size)")
+        shape = tensor.shape  # a protobuf container: slow to iterate, so the common case compares it once
+        if batching:
+            batch = shape[0] if shape else 0
+            if batch > 0 and spec.fixed is not None and len(shape) == len(spec.wire) and shape[1:] == spec.fixed:
+                dims = [batch, *spec.fixed]
+            else:
+                dims = _checked_shape(shape, spec.wire, what)
+            if not 1 <= batch <= model.max_batch_size:
+                raise InvalidArgument(
+                    f"{what}: batch size {batch} is outside 1..{model.max_batch_size} (max_batch_size)"
+                )
             if rows < 0:
                 rows = batch
             elif batch != rows:
-                raise InvalidArgument(f"{_what(model, name)}: batch size {batch} differs from the other inputs' {rows}")
+                raise InvalidArgument(f"{what}: batch size {batch} differs from the other inputs' {rows}")
+        else:
+            dims = (
+                spec.fixed if spec.fixed is not None and shape == spec.fixed else _checked_shape(shape, spec.wire, what)
+            )
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidArgument(
-                    f"{_what(model, name)}: contents must not be set when the request uses raw_input_contents"
-                )
-            array = from_raw(raw[i], datatype, shape, _what(model, name))
+                raise InvalidArgument(f"{what}: contents must not be set when the request uses raw_input_contents")
+            array = from_raw(raw[i], datatype, dims, what)
         elif tensor.HasField("contents"):
-            array = from_contents(tensor.contents, datatype, shape, _what(model, name))
+            array = from_contents(tensor.contents, datatype, dims, what)
         else:
-            raise InvalidArgument(f"{_what(model, name)}: no data (neither raw_input_contents nor contents)")
-        feeds[name] = _as_strings(array, _what(model, name)) if datatype.name == "BYTES" else array
+            raise InvalidArgument(f"{what}: no data (neither raw_input_contents nor contents)")
+        feeds[name] = _as_strings(array, what) if datatype.name == "BYTES" else array
     if len(feeds) != len(model.inputs):
         missing = [t.name for t in model.inputs if t.name not in feeds and not t.optional]
         if missing:
@@ -71,9 +76,12 @@ def decode_inputs(request: pb.ModelInferRequest, model: ModelVersion) -> tuple[d
     return feeds, max(rows, 0)
 
 
-def _what(model: ModelVersion, name: str) -> str:
-    """How an error names a tensor (built only when there is an error to report)."""
-    return f"{model.describe()} input {name!r}"
+def _checked_shape(wire: Sequence[int], expected: tuple[int, ...], what: str) -> list[int]:
+    """The general shape check (-1 matches any size), for shapes the fixed-dims fast check did not accept."""
+    shape = list(wire)
+    if len(shape) != len(expected) or any(d < 0 or e not in (-1, d) for e, d in zip(expected, shape)):  # noqa: B905
+        raise _shape_error(shape, expected, what)
+    return shape
 
 
 def _shape_error(shape: list[int], expected: tuple[int, ...], what: str) -> InvalidArgument:

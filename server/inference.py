@@ -1,5 +1,11 @@
-"""One inference, end to end: resolve the model version, decode, queue for a batch, encode. Reading this
-explains a request."""
+"""One inference, end to end: resolve the model version, decode, run (at once, or through the cache and the
+batcher), encode. Reading this explains a request.
+
+A :class:`Call` is one request in flight. Creating it resolves and decodes (the errors a client can fix surface
+here); :meth:`Call.now` answers it in the caller's turn of the event loop when the model can run it at once, which
+is the common case for small models under light load; :meth:`Call.later` answers it through the result cache and
+the batcher. :func:`infer` is the two together.
+"""
 
 from __future__ import annotations
 
@@ -26,64 +32,143 @@ async def infer(
 ) -> pb.ModelInferResponse:
     """Answer one ModelInferRequest. ``deadline`` is on the ``time.monotonic()`` clock (None = no deadline).
     With tracing on, the current span is the request's: its stages are recorded under it when it ends."""
-    model = repository.resolve(request.model_name, request.model_version)
-    stats = model.stats
-    start = time.perf_counter_ns()
-    failure: str | None = "INTERNAL"  # until proven otherwise
-    try:
-        feeds, rows = decode_inputs(request, model)
-        names = requested_outputs(request, model)
-        priority, timeout_s = scheduling(request)
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceeded(f"{model.describe()}: the caller's deadline passed before the request was queued")
-        decoded = time.perf_counter_ns()
-        span = current_span_context() if tracing.enabled else None
-        sampled = span is not None and span.trace_flags.sampled  # unsampled requests record no stage spans
-        model_ns = 0
+    call = Call(request, repository, cache, deadline, tracing)
+    return call.now() or await call.later()
+
+
+class Call:
+    """One request in flight, decoded; answer it with :meth:`now` or, when that returns None, :meth:`later`.
+    Its statistics (success or failure, latency) are recorded exactly once, when it is answered or fails."""
+
+    __slots__ = (
+        "_cache",
+        "_decoded",
+        "_span",
+        "_start",
+        "_tracing",
+        "deadline",
+        "feeds",
+        "model",
+        "names",
+        "priority",
+        "request",
+        "rows",
+        "timeout_s",
+    )
+
+    def __init__(
+        self,
+        request: pb.ModelInferRequest,
+        repository: ModelRepository,
+        cache: ResultCache,
+        deadline: float | None,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
+        self.request = request
+        self.model = model = repository.resolve(request.model_name, request.model_version)
+        self._start = time.perf_counter_ns()
+        self._cache = cache if model.cache_enabled and cache.max_bytes > 0 else None
+        self._tracing = tracing
+        self.deadline = deadline
+        try:
+            self.feeds, self.rows = decode_inputs(request, model)
+            self.names = requested_outputs(request, model)
+            self.priority, self.timeout_s = scheduling(request)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"{model.describe()}: the caller's deadline passed before the request was queued"
+                )
+        except BaseException as err:
+            self._failed(err)
+            raise
+        self._decoded = time.perf_counter_ns()
+        self._span = current_span_context() if tracing.enabled else None
+
+    def now(self) -> pb.ModelInferResponse | None:
+        """The response, when the model can run this request at once without yielding the event loop (no queue,
+        a free instance, a run shorter than a hand-off to a worker thread); None otherwise, changing nothing."""
+        if self._cache is not None:
+            return None  # lookups and single flight live in later()
+        try:
+            ran = self.model.run_now(self.feeds, self._span)
+            if ran is None:
+                return None
+            outputs, batch = ran
+            self.model.stats.record_queue(0)
+            return self._answer(self._selected(outputs), batch, None)
+        except BaseException as err:
+            self._failed(err)
+            raise
+
+    async def later(self) -> pb.ModelInferResponse:
+        """The response, through the result cache (when the model enables it) and the batcher's queue."""
+        model = self.model
         batch: BatchInfo | None = None
+        model_ns = 0
 
         async def run() -> list[np.ndarray]:
-            nonlocal model_ns, batch
+            nonlocal batch, model_ns
             began = time.perf_counter_ns()
             outputs, queued_s, batch = await model.infer(
-                feeds, rows, deadline=deadline, priority=priority, timeout_s=timeout_s, span=span
+                self.feeds,
+                self.rows,
+                deadline=self.deadline,
+                priority=self.priority,
+                timeout_s=self.timeout_s,
+                span=self._span,
             )
-            stats.record_queue(int(queued_s * 1e9))
+            model.stats.record_queue(int(queued_s * 1e9))
             model_ns = time.perf_counter_ns() - began
-            return outputs if names is model.output_names else [outputs[model.output_index[n]] for n in names]
+            return self._selected(outputs)
 
-        hit = None
-        if model.cache_enabled and cache.max_bytes > 0:
-            key, key_bytes = cache_key(model.name, model.version, feeds, names)
-            outputs, hit = await cache.get_or_run(key, key_bytes, run)
-            cache_ns = time.perf_counter_ns() - decoded - model_ns
+        try:
+            if self._cache is None:
+                return self._answer(await run(), batch, None)
+            key, key_bytes = cache_key(model.name, model.version, self.feeds, self.names)
+            outputs, hit = await self._cache.get_or_run(key, key_bytes, run)
+            cache_ns = time.perf_counter_ns() - self._decoded - model_ns
             if hit:
-                stats.cache_hit.add(cache_ns)
-                stats.record_queue(cache_ns)  # Triton counts hits in `queue` too (perf_analyzer relies on it)
+                model.stats.cache_hit.add(cache_ns)
+                model.stats.record_queue(cache_ns)  # Triton counts hits in `queue` too (perf_analyzer relies on it)
             else:
-                stats.cache_miss.add(cache_ns)
-        else:
-            outputs = await run()
+                model.stats.cache_miss.add(cache_ns)
+            return self._answer(outputs, batch, hit)
+        except BaseException as err:
+            self._failed(err)
+            raise
+
+    def _selected(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The requested outputs, in the request's order, from all of the model's (in config order)."""
+        model = self.model
+        if self.names is model.output_names:
+            return outputs
+        return [outputs[model.output_index[n]] for n in self.names]
+
+    def _answer(self, outputs: list[np.ndarray], batch: BatchInfo | None, hit: bool | None) -> pb.ModelInferResponse:
+        model = self.model
         encoding = time.perf_counter_ns()
-        response = encode_response(request, model, names, outputs)
+        response = encode_response(self.request, model, self.names, outputs)
         done = time.perf_counter_ns()
+        stats = model.stats
         stats.encode_hist.observe(done - encoding)
-        failure = None
         monitor = model.monitor
+        span = self._span
         if monitor is not None and monitor.active:
             trace_id = format(span.trace_id, "032x") if span is not None else ""
-            monitor.after_request(request.id, feeds, outputs, names, done - start, trace_id)
-        if sampled:
-            trace_stages(tracing, model, start, decoded, encoding, done, hit, batch)
+            monitor.after_request(self.request.id, self.feeds, outputs, self.names, done - self._start, trace_id)
+        if span is not None and span.trace_flags.sampled:  # unsampled requests record no stage spans
+            trace_stages(self._tracing, model, self._start, self._decoded, encoding, done, hit, batch)
+        stats.record_request(time.perf_counter_ns() - self._start)
         return response
-    except FerryError as err:
-        failure = err.code.name
-        raise
-    except asyncio.CancelledError:
-        failure = "CANCELLED"
-        raise
-    finally:
-        stats.record_request(time.perf_counter_ns() - start, failure)
+
+    def _failed(self, err: BaseException) -> None:
+        if isinstance(err, FerryError):
+            failure = err.code.name
+        elif isinstance(err, asyncio.CancelledError):
+            failure = "CANCELLED"
+        else:
+            failure = "INTERNAL"
+        self.model.stats.record_request(time.perf_counter_ns() - self._start, failure)
 
 
 def trace_stages(
@@ -118,6 +203,8 @@ def trace_stages(
 def scheduling(request: pb.ModelInferRequest) -> tuple[int, float | None]:
     """The request's ``priority`` (0 = the model's default level) and ``timeout`` (µs, as seconds) parameters."""
     params = request.parameters
+    if not params:
+        return 0, None
     priority = timeout_s = None
     if "priority" in params:
         priority = _integer(params["priority"], "priority")

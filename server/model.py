@@ -184,6 +184,7 @@ class ModelVersion:
         self.max_batch_size = config.max_batch_size
         self.inputs, self.outputs = tensor_specs(config)
         self.input_by_name: dict[str, TensorSpec] = {t.name: t for t in self.inputs}
+        self.input_what = {t.name: f"{self.describe()} input {t.name!r}" for t in self.inputs}  # names in errors
         self.output_by_name: dict[str, TensorSpec] = {t.name: t for t in self.outputs}
         self.output_names = [t.name for t in self.outputs]
         self.output_index = {name: i for i, name in enumerate(self.output_names)}
@@ -265,24 +266,47 @@ class ModelVersion:
         )
         return outputs, queued_s, info
 
+    def run_now(
+        self, feeds: dict[str, np.ndarray], span: SpanContext | None = None
+    ) -> tuple[list[np.ndarray], BatchInfo] | None:
+        """Run one request at once on the event loop, when that is how its batch would run anyway: nothing queued,
+        an instance free, and recent runs shorter than a hand-off to a worker thread. None when it cannot: queue it
+        with :meth:`infer`. It never yields the loop, so no other request can take the instance meanwhile."""
+        if self._run_avg_ns >= self._inline_below_ns or not self._batcher.idle():
+            return None
+        ((outputs, info),) = self._finished([span], *self._run_sync([feeds]))
+        return outputs, info
+
     async def _run_batch(
         self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None]]
     ) -> list[tuple[list[np.ndarray], BatchInfo]]:
         feeds = [f for f, _ in batch]
         if self._run_avg_ns < self._inline_below_ns:
-            results, rows, (t0, t1, t2, t3) = self._run_sync(feeds)
+            ran = self._run_sync(feeds)
         else:
             try:
-                results, rows, (t0, t1, t2, t3) = await self._executor.submit(self._run_sync, feeds)
+                ran = await self._executor.submit(self._run_sync, feeds)
             except RuntimeError as err:  # the executor was shut down: the version is unloading
                 raise Unavailable(f"{self.describe()} is unloading: {err}") from None
+        return self._finished([span for _, span in batch], *ran)
+
+    def _finished(
+        self,
+        spans: list[SpanContext | None],
+        results: list[list[np.ndarray]],
+        rows: int,
+        times: tuple[int, int, int, int],
+    ) -> list[tuple[list[np.ndarray], BatchInfo]]:
+        """Account for one executed batch (run time average, statistics, batch span); pair each request's
+        outputs with the batch's description."""
+        t0, t1, t2, t3 = times
         took = t3 - t0
         self._run_avg_ns = took if self._run_avg_ns == float("inf") else 0.8 * self._run_avg_ns + 0.2 * took
         self.stats.record_execution(rows, t1 - t0, t2 - t1, t3 - t2)
         self._batches += 1
-        info = BatchInfo(self._batches, rows, len(batch), t0, t1, t2, t3)
+        info = BatchInfo(self._batches, rows, len(results), t0, t1, t2, t3)
         if self._tracing.enabled:
-            sampled = [span for _, span in batch if span is not None and span.trace_flags.sampled]
+            sampled = [span for span in spans if span is not None and span.trace_flags.sampled]
             if sampled:  # a batch of unsampled requests records nothing
                 info.span = self._trace_batch(info, sampled)
         return [(outputs, info) for outputs in results]

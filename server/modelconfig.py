@@ -58,6 +58,7 @@ class TensorSpec:
     dims: tuple[int, ...]
     optional: bool = False
     wire: tuple[int, ...] = ()  # the full request shape (batch dimension as -1), precomputed for validation
+    fixed: list[int] | None = None  # the wire shape after the batch dimension when it has no -1 (a fast check)
 
     def wire_shape(self, max_batch_size: int) -> list[int]:
         """The shape ModelMetadata reports: a leading -1 for the batch dimension of a batching model."""
@@ -171,7 +172,8 @@ def tensor_specs(config: mc.ModelConfig) -> tuple[list[TensorSpec], list[TensorS
             )
         dims = tuple(tensor.dims)
         wire = (-1, *dims) if config.max_batch_size > 0 else dims
-        return TensorSpec(tensor.name, datatype, dims, optional, wire)
+        fixed = list(dims) if -1 not in dims else None
+        return TensorSpec(tensor.name, datatype, dims, optional, wire, fixed)
 
     return [spec(t, t.optional) for t in config.input], [spec(t, False) for t in config.output]
 

@@ -16,7 +16,7 @@ from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import STATUS_CODE_PARAMETER, InvalidArgument, Unimplemented
 from server import __version__
 from server.cache import ResultCache
-from server.inference import infer
+from server.inference import Call, infer
 from server.repository import ModelRepository
 from server.rpc import rpc, status_of
 from server.telemetry import NO_TRACING, Tracing
@@ -113,63 +113,55 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.in_flight -= 1
 
     @rpc
-    async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently; each answer is written when ready (matched by ``id``).
-        A failed request is answered with ``error_message`` and the stream stays open."""
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context: Any) -> None:
+        """Requests on one stream run concurrently; each answer is written when ready (matched by ``id``). A
+        request the model can run at once is answered in the reading turn, with no task of its own (the streaming
+        fast path); the others are answered by a task each. A failed request is answered with ``error_message``
+        and the stream stays open. Answers go out through ``context.write``, one at a time."""
         deadline = deadline_of(context)
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        writing = asyncio.Lock()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def write(reply: pb.ModelStreamInferResponse) -> None:
+            async with writing:
+                await context.write(reply)
+
+        async def answer(request: pb.ModelInferRequest, call: Call | None) -> None:
             self.in_flight += 1
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._stream_one(request, deadline))
+                if call is not None:
+                    response = await call.later()
+                else:  # traced: the request's span is current while it is decoded, run and encoded
+                    with self.tracing.request_span(request.model_name, request.id):
+                        response = await infer(request, self._repository, self._cache, deadline, self.tracing)
+                reply = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as err:
-                code, message = status_of(err, "ModelStreamInfer")
-                log.debug("stream request %r failed: %s %s", request.id, code, message)
-                reply = pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        id=request.id,
-                        model_name=request.model_name,
-                        model_version=request.model_version,
-                        # error_message is text only: the status code travels as a parameter clients may read
-                        parameters={STATUS_CODE_PARAMETER: pb.InferParameter(string_param=code.name)},
-                    ),
-                )
+                reply = _stream_error(request, err)
             finally:
                 self.in_flight -= 1
-            answers.put_nowait(reply)
+            await write(reply)
 
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read())
         try:
-            while (reply := await answers.get()) is not None:
-                yield reply
-            await reader  # re-raises a failure of the request stream itself
+            async for request in requests:
+                call = None
+                if not self.tracing.enabled:
+                    try:
+                        call = Call(request, self._repository, self._cache, deadline)
+                        response = call.now()
+                    except Exception as err:
+                        await write(_stream_error(request, err))
+                        continue
+                    if response is not None:
+                        await write(pb.ModelStreamInferResponse(infer_response=response))
+                        continue
+                task = asyncio.create_task(answer(request, call))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:  # the client is done sending: answer what is still running
+                await asyncio.gather(*tasks)
         finally:
-            reader.cancel()
             for task in tasks:
                 task.cancel()
-
-    async def _stream_one(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        """One request of a stream: with tracing on, under a span of its own, a child of the stream's span."""
-        if not self.tracing.enabled:
-            return await infer(request, self._repository, self._cache, deadline)
-        with self.tracing.request_span(request.model_name, request.id):
-            return await infer(request, self._repository, self._cache, deadline, self.tracing)
 
     @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
@@ -226,6 +218,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CUDA shared memory")
     TraceSetting = _unimplemented("trace settings")
     LogSettings = _unimplemented("log settings")
+
+
+def _stream_error(request: pb.ModelInferRequest, err: Exception) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a failed request: the message as ``error_message``, the status code as a parameter."""
+    code, message = status_of(err, "ModelStreamInfer")
+    log.debug("stream request %r failed: %s %s", request.id, code, message)
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            id=request.id,
+            model_name=request.model_name,
+            model_version=request.model_version,
+            # error_message is text only: the status code travels as a parameter clients may read
+            parameters={STATUS_CODE_PARAMETER: pb.InferParameter(string_param=code.name)},
+        ),
+    )
 
 
 __all__ = ["EXTENSIONS", "InferenceServicer"]
