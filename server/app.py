@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client.core import Metric
 
 from client._proto import POOL, ferry_pb2_grpc
-from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import Unavailable
 from server.cache import ResultCache
@@ -32,12 +31,11 @@ from server.outcomes import SERVICE_NAME as OUTCOME_SERVICE
 from server.outcomes import OutcomeServicer, OutcomeTracker
 from server.predlog import PredictionLog, PredictionLogSettings
 from server.repository import ModelRepository
-from server.servicer import InferenceServicer
+from server.servicer import SERVICE_NAME, InferenceServicer
 from server.telemetry import Tracing
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -85,7 +83,9 @@ class FerryServer:
         self._registry = registry_for(self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(OutcomeServicer(self.monitoring.outcomes), server)
+        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
+            OutcomeServicer(self.monitoring.outcomes, self.tracing), server
+        )
         services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server, pool=POOL)
         address = f"{self.config.host}:{self.config.grpc_port}"

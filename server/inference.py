@@ -20,7 +20,7 @@ from server.cache import ResultCache, cache_key
 from server.codec import decode_inputs, encode_response, requested_outputs
 from server.model import BatchInfo, ModelVersion
 from server.repository import ModelRepository
-from server.telemetry import NO_TRACING, Tracing, current_span_context, set_attributes
+from server.telemetry import NO_TRACING, Span, Tracing, current_span
 
 
 async def infer(
@@ -82,7 +82,7 @@ class Call:
             self._failed(err)
             raise
         self._decoded = time.perf_counter_ns()
-        self._span = current_span_context() if tracing.enabled else None
+        self._span = current_span() if tracing.enabled else None  # None: not traced, or not sampled
 
     def now(self) -> pb.ModelInferResponse | None:
         """The response, when the model can run this request at once without yielding the event loop (no queue,
@@ -90,7 +90,7 @@ class Call:
         if self._cache is not None:
             return None  # lookups and single flight live in later()
         try:
-            ran = self.model.run_now(self.feeds, self._span)
+            ran = self.model.run_now(self.feeds, self._span.context if self._span is not None else None)
             if ran is None:
                 return None
             outputs, batch = ran
@@ -115,7 +115,7 @@ class Call:
                 deadline=self.deadline,
                 priority=self.priority,
                 timeout_s=self.timeout_s,
-                span=self._span,
+                span=self._span.context if self._span is not None else None,
             )
             model.stats.record_queue(int(queued_s * 1e9))
             model_ns = time.perf_counter_ns() - began
@@ -154,10 +154,10 @@ class Call:
         monitor = model.monitor
         span = self._span
         if monitor is not None and monitor.active:
-            trace_id = format(span.trace_id, "032x") if span is not None else ""
+            trace_id = format(span.context.trace_id, "032x") if span is not None else ""
             monitor.after_request(self.request.id, self.feeds, outputs, self.names, done - self._start, trace_id)
-        if span is not None and span.trace_flags.sampled:  # unsampled requests record no stage spans
-            trace_stages(self._tracing, model, self._start, self._decoded, encoding, done, hit, batch)
+        if span is not None:
+            trace_stages(self._tracing, span, model, self._start, self._decoded, encoding, done, hit, batch)
         stats.record_request(time.perf_counter_ns() - self._start)
         return response
 
@@ -173,6 +173,7 @@ class Call:
 
 def trace_stages(
     tracing: Tracing,
+    span: Span,
     model: ModelVersion,
     start: int,
     decoded: int,
@@ -181,23 +182,22 @@ def trace_stages(
     hit: bool | None,
     batch: BatchInfo | None,
 ) -> None:
-    """Record the finished stages of one request under its (current) span."""
-    attributes: dict[str, str | int | bool] = {
-        "ferry.model": model.name,
-        "ferry.model_version": model.version,
-        "ferry.model_sha256": model.sha256,
-    }
-    tracing.stage("decode", start, decoded)
+    """Record the finished stages of one request as children of its span, and its model attributes on it."""
+    parent = span.context
+    attributes = span.attributes
+    attributes["ferry.model"] = model.name
+    attributes["ferry.model_version"] = model.version
+    attributes["ferry.model_sha256"] = model.sha256
+    tracing.stage("decode", start, decoded, parent)
     if hit is not None:
         attributes["ferry.cache_hit"] = hit
-        tracing.stage("cache lookup", decoded, encoding if hit else (batch.started_ns if batch else encoding))
+        tracing.stage("cache lookup", decoded, encoding if hit else (batch.started_ns if batch else encoding), parent)
     if batch is not None:
         attributes["ferry.batch_id"] = batch.batch_id
-        tracing.stage("queue wait", decoded, batch.started_ns)
-        tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns)
-        tracing.stage("model run", batch.preprocessed_ns, batch.computed_ns)
-    tracing.stage("encode", encoding, done)
-    set_attributes(attributes)
+        tracing.stage("queue wait", decoded, batch.started_ns, parent)
+        tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns, parent)
+        tracing.stage("model run", batch.preprocessed_ns, batch.computed_ns, parent)
+    tracing.stage("encode", encoding, done, parent)
 
 
 def scheduling(request: pb.ModelInferRequest) -> tuple[int, float | None]:

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext
+from opentelemetry.trace import Link, SpanContext
 
 from client._proto import model_config_pb2 as mc
 from client.errors import Internal, InvalidArgument, Unavailable
@@ -306,7 +304,7 @@ class ModelVersion:
         self._batches += 1
         info = BatchInfo(self._batches, rows, len(results), t0, t1, t2, t3)
         if self._tracing.enabled:
-            sampled = [span for span in spans if span is not None and span.trace_flags.sampled]
+            sampled = [span for span in spans if span is not None]
             if sampled:  # a batch of unsampled requests records nothing
                 info.span = self._trace_batch(info, sampled)
         return [(outputs, info) for outputs in results]
@@ -321,10 +319,9 @@ class ModelVersion:
             "ferry.batch_requests": info.requests,
         }
         links = [Link(context) for context in requests]
-        batch = self._tracing.stage("batch", info.started_ns, info.done_ns, Context(), attributes, links)
-        parent = trace.set_span_in_context(NonRecordingSpan(batch))
-        self._tracing.stage("preprocess", info.started_ns, info.preprocessed_ns, parent)
-        self._tracing.stage("model run", info.preprocessed_ns, info.computed_ns, parent)
+        batch = self._tracing.stage("batch", info.started_ns, info.done_ns, None, attributes, links)
+        self._tracing.stage("preprocess", info.started_ns, info.preprocessed_ns, batch)
+        self._tracing.stage("model run", info.preprocessed_ns, info.computed_ns, batch)
         return batch
 
     def _run_sync(

@@ -32,7 +32,7 @@ from client._proto import ferry_pb2_grpc as fpb_grpc
 from client._proto import model_config_pb2 as mc
 from client.errors import InvalidArgument
 from server.rpc import rpc
-from server.telemetry import NO_TRACING
+from server.telemetry import NO_TRACING, Tracing
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
@@ -276,10 +276,10 @@ def _score(i: int, outcome: ReportedOutcome, entry: _Pending) -> float:
 class OutcomeServicer(fpb_grpc.OutcomeServiceServicer):
     """``ferry.v1.OutcomeService`` over an :class:`OutcomeTracker`."""
 
-    def __init__(self, tracker: OutcomeTracker) -> None:
+    def __init__(self, tracker: OutcomeTracker, tracing: Tracing = NO_TRACING) -> None:
         self._tracker = tracker
-        # rpc() reads self.tracing; its spans are named after the inference service, so this one stays untraced.
-        self.tracing = NO_TRACING
+        self.tracing = tracing
+        self.service_name = SERVICE_NAME
 
     @rpc
     async def ReportOutcomes(self, request: fpb.ReportOutcomesRequest, context: object) -> fpb.ReportOutcomesResponse:

@@ -1,22 +1,21 @@
 """The one place gRPC errors are made: domain errors to statuses, and the SERVER span of a traced call.
 
-Every RPC method of every Ferry service is wrapped by :func:`rpc` (a test checks none is missing).
+Every RPC method of every Ferry service is wrapped by :func:`rpc` (a test checks none is missing). Servicers carry
+``tracing`` and ``service_name`` (the full gRPC service name spans are named after).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.trace import Status, StatusCode
 
 from client.errors import FerryError
-from server.telemetry import Tracing
+from server.telemetry import Tracing, restore, use
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +40,36 @@ _SERVER_FAULTS = {
 }
 
 
-def _end_span(span: Any, code: grpc.StatusCode, message: str) -> None:
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code in _SERVER_FAULTS:
-        span.set_status(Status(StatusCode.ERROR, message))
-
-
 def rpc(fn: F) -> F:
     """Turn FerryError (and any unexpected exception, as INTERNAL) into the call's gRPC status; with tracing on,
-    run the call inside its SERVER span."""
-    if inspect.isasyncgenfunction(fn):
-
-        @functools.wraps(fn)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            tracing: Tracing = self.tracing
-            with contextlib.ExitStack() as stack:
-                span = (
-                    stack.enter_context(tracing.rpc_span(fn.__name__, context.invocation_metadata()))
-                    if (tracing.enabled)
-                    else None
-                )
-                try:
-                    async for item in fn(self, request, context):
-                        yield item
-                    code, message = grpc.StatusCode.OK, ""
-                except Exception as err:
-                    code, message = status_of(err, fn.__name__)
-                if span is not None:
-                    _end_span(span, code, message)
-            if code != grpc.StatusCode.OK:
-                await context.abort(code, message)
-
-        return stream  # type: ignore[return-value]
+    record the call's SERVER span (current while the method runs) when the sampler keeps it."""
 
     @functools.wraps(fn)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         tracing: Tracing = self.tracing
-        if not tracing.enabled:
+        span = (
+            tracing.rpc_span(self.service_name, fn.__name__, context.invocation_metadata()) if tracing.enabled else None
+        )
+        if span is None:
             try:
                 return await fn(self, request, context)
             except Exception as err:
                 code, message = status_of(err, fn.__name__)
         else:
-            with tracing.rpc_span(fn.__name__, context.invocation_metadata()) as span:
-                try:
-                    reply = await fn(self, request, context)
-                    _end_span(span, grpc.StatusCode.OK, "")
-                    return reply
-                except Exception as err:
-                    code, message = status_of(err, fn.__name__)
-                    _end_span(span, code, message)
+            token = use(span)
+            code, message = grpc.StatusCode.CANCELLED, "the call was cancelled"
+            try:
+                reply = await fn(self, request, context)
+                code, message = grpc.StatusCode.OK, ""
+                return reply
+            except Exception as err:
+                code, message = status_of(err, fn.__name__)
+            finally:
+                restore(token)
+                span.attributes["rpc.grpc.status_code"] = code.value[0]
+                if code in _SERVER_FAULTS:
+                    span.status = Status(StatusCode.ERROR, message)
+                tracing.end(span)
         await context.abort(code, message)
 
-    return unary  # type: ignore[return-value]
+    return method  # type: ignore[return-value]

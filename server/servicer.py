@@ -19,9 +19,11 @@ from server.cache import ResultCache
 from server.inference import Call, infer
 from server.repository import ModelRepository
 from server.rpc import rpc, status_of
-from server.telemetry import NO_TRACING, Tracing
+from server.telemetry import NO_TRACING, Tracing, current_span, restore, use
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 EXTENSIONS = ("model_configuration", "model_repository", "statistics")
 """Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats)."""
@@ -56,6 +58,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._cache = cache
         self.in_flight = 0  # inference requests being handled, for the metrics
         self.tracing = tracing
+        self.service_name = SERVICE_NAME
         self._is_ready = is_ready
         self._on_change = on_change
         self._load_lock = asyncio.Lock()
@@ -126,35 +129,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async with writing:
                 await context.write(reply)
 
-        async def answer(request: pb.ModelInferRequest, call: Call | None) -> None:
+        async def answer(request: pb.ModelInferRequest, call: Call) -> None:
             self.in_flight += 1
             try:
-                if call is not None:
-                    response = await call.later()
-                else:  # traced: the request's span is current while it is decoded, run and encoded
-                    with self.tracing.request_span(request.model_name, request.id):
-                        response = await infer(request, self._repository, self._cache, deadline, self.tracing)
-                reply = pb.ModelStreamInferResponse(infer_response=response)
+                reply = pb.ModelStreamInferResponse(infer_response=await call.later())
             except Exception as err:
                 reply = _stream_error(request, err)
             finally:
                 self.in_flight -= 1
             await write(reply)
 
+        stream = current_span()  # sampled: each request gets a span of its own under the stream's
         try:
             async for request in requests:
-                call = None
-                if not self.tracing.enabled:
-                    try:
-                        call = Call(request, self._repository, self._cache, deadline)
-                        response = call.now()
-                    except Exception as err:
-                        await write(_stream_error(request, err))
-                        continue
-                    if response is not None:
-                        await write(pb.ModelStreamInferResponse(infer_response=response))
-                        continue
-                task = asyncio.create_task(answer(request, call))
+                span = token = None
+                if stream is not None:
+                    attributes = {"ferry.model": request.model_name, "ferry.request_id": request.id}
+                    span = self.tracing.child_span("ModelStreamInfer request", stream, attributes)
+                    token = use(span)
+                try:
+                    call = Call(request, self._repository, self._cache, deadline, self.tracing)
+                    response = call.now()
+                except Exception as err:
+                    response = None
+                    reply: pb.ModelStreamInferResponse | None = _stream_error(request, err)
+                else:
+                    reply = None if response is None else pb.ModelStreamInferResponse(infer_response=response)
+                finally:
+                    if token is not None:
+                        restore(token)
+                if reply is not None:
+                    if span is not None:
+                        self.tracing.end(span)
+                    await write(reply)
+                    continue
+                task = asyncio.create_task(self._traced(answer(request, call), span))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:  # the client is done sending: answer what is still running
@@ -162,6 +171,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _traced(self, work: Awaitable[None], span: Any) -> None:
+        """Run a stream request's answer with its span current, and record the span when it is answered."""
+        if span is None:
+            await work
+            return
+        use(span)  # this task's own context: nothing to restore
+        try:
+            await work
+        finally:
+            self.tracing.end(span)
 
     @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
