@@ -95,7 +95,7 @@ class Call:
                 return None
             outputs, batch = ran
             self.model.stats.record_queue(0)
-            return self._answer(self._selected(outputs), batch, None)
+            return self._answer(self._selected(outputs), batch, None, queued=False)
         except BaseException as err:
             self._failed(err)
             raise
@@ -105,9 +105,10 @@ class Call:
         model = self.model
         batch: BatchInfo | None = None
         model_ns = 0
+        queued = False
 
         async def run() -> list[np.ndarray]:
-            nonlocal batch, model_ns
+            nonlocal batch, model_ns, queued
             began = time.perf_counter_ns()
             outputs, queued_s, batch = await model.infer(
                 self.feeds,
@@ -118,12 +119,13 @@ class Call:
                 span=self._span.context if self._span is not None else None,
             )
             model.stats.record_queue(int(queued_s * 1e9))
+            queued = queued_s > 0
             model_ns = time.perf_counter_ns() - began
             return self._selected(outputs)
 
         try:
             if self._cache is None:
-                return self._answer(await run(), batch, None)
+                return self._answer(await run(), batch, None, queued)
             key, key_bytes = cache_key(model.name, model.version, self.feeds, self.names)
             outputs, hit = await self._cache.get_or_run(key, key_bytes, run)
             cache_ns = time.perf_counter_ns() - self._decoded - model_ns
@@ -132,7 +134,7 @@ class Call:
                 model.stats.record_queue(cache_ns)  # Triton counts hits in `queue` too (perf_analyzer relies on it)
             else:
                 model.stats.cache_miss.add(cache_ns)
-            return self._answer(outputs, batch, hit)
+            return self._answer(outputs, batch, hit, queued)
         except BaseException as err:
             self._failed(err)
             raise
@@ -144,7 +146,9 @@ class Call:
             return outputs
         return [outputs[model.output_index[n]] for n in self.names]
 
-    def _answer(self, outputs: list[np.ndarray], batch: BatchInfo | None, hit: bool | None) -> pb.ModelInferResponse:
+    def _answer(
+        self, outputs: list[np.ndarray], batch: BatchInfo | None, hit: bool | None, queued: bool
+    ) -> pb.ModelInferResponse:
         model = self.model
         encoding = time.perf_counter_ns()
         response = encode_response(self.request, model, self.names, outputs)
@@ -157,7 +161,7 @@ class Call:
             trace_id = format(span.context.trace_id, "032x") if span is not None else ""
             monitor.after_request(self.request.id, self.feeds, outputs, self.names, done - self._start, trace_id)
         if span is not None:
-            trace_stages(self._tracing, span, model, self._start, self._decoded, encoding, done, hit, batch)
+            trace_stages(self._tracing, span, model, (self._start, self._decoded, encoding, done), hit, batch, queued)
         stats.record_request(time.perf_counter_ns() - self._start)
         return response
 
@@ -175,14 +179,15 @@ def trace_stages(
     tracing: Tracing,
     span: Span,
     model: ModelVersion,
-    start: int,
-    decoded: int,
-    encoding: int,
-    done: int,
+    times: tuple[int, int, int, int],
     hit: bool | None,
     batch: BatchInfo | None,
+    queued: bool,
 ) -> None:
-    """Record the finished stages of one request as children of its span, and its model attributes on it."""
+    """Record the stages of one request where time was spent as children of its span (``times``: perf_counter_ns
+    at start, decoded, encoding, done), and its model attributes on it. A request that did not wait in the queue
+    gets no queue-wait span."""
+    start, decoded, encoding, done = times
     parent = span.context
     attributes = span.attributes
     attributes["ferry.model"] = model.name
@@ -194,7 +199,8 @@ def trace_stages(
         tracing.stage("cache lookup", decoded, encoding if hit else (batch.started_ns if batch else encoding), parent)
     if batch is not None:
         attributes["ferry.batch_id"] = batch.batch_id
-        tracing.stage("queue wait", decoded, batch.started_ns, parent)
+        if queued:
+            tracing.stage("queue wait", decoded, batch.started_ns, parent)
         tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns, parent)
         tracing.stage("model run", batch.preprocessed_ns, batch.computed_ns, parent)
     tracing.stage("encode", encoding, done, parent)
