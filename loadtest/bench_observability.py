@@ -172,7 +172,7 @@ def render(results: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return bench_main("observability", argv, measure_all, render, (START, END), rounds=1)
+    return bench_main("observability", argv, measure_all, render, (START, END))
 
 
 if __name__ == "__main__":

@@ -203,3 +203,62 @@ def test_unsampled_requests_record_nothing(example_repo: Path) -> None:
             reply = stub.ModelInfer(request_for("tiny", {"input": np.ones((1, 16), np.float32)}))
         assert len(reply.outputs) == 1
     assert exporter.get_finished_spans() == ()
+
+
+def test_stream_request_stages_are_children_of_its_request_span(
+    traced: tuple[BackgroundServer, InMemorySpanExporter],
+) -> None:
+    server, exporter = traced
+    exporter.clear()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        requests = [request_for("mlp", {"input": np.ones((1, 256), np.float32)}, id=f"c{i}") for i in range(2)]
+        assert len(list(stub.ModelStreamInfer(iter(requests), timeout=30))) == 2
+    spans = exporter.get_finished_spans()
+    for request in by_name(spans, "ModelStreamInfer request"):
+        assert request.attributes is not None and request.attributes["ferry.model"] == "mlp"
+        stages = {s.name for s in spans if s.parent and s.parent.span_id == request.context.span_id}
+        assert {"decode", "preprocess", "model run", "encode"} <= stages
+
+
+def test_the_providers_sampler_decides_and_unsampled_requests_record_nothing(example_repo: Path) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    unsampled_parent = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    with background_server(example_repo, Tracing(provider), http_port=None) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            x = np.ones((1, 16), np.float32)
+            for _ in range(200):
+                stub.ModelInfer(request_for("tiny", {"input": x}))
+            rpcs = by_name(exporter.get_finished_spans(), "inference.GRPCInferenceService/ModelInfer")
+            assert 60 <= len(rpcs) <= 140  # about half of 200 (binomial: 5 standard deviations either side)
+            for rpc in rpcs:  # a sampled request records its stages too; an unsampled one records nothing at all
+                stages = [
+                    s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == rpc.context.span_id
+                ]
+                assert {s.name for s in stages} == {"decode", "preprocess", "model run", "encode"}
+            exporter.clear()
+            stub.ModelInfer(request_for("tiny", {"input": x}), metadata=[("traceparent", unsampled_parent)])
+        assert exporter.get_finished_spans() == ()  # the caller did not sample this trace: parent-based says no
+
+
+def test_outcome_service_calls_get_spans_of_their_own(example_repo: Path) -> None:
+    from client._proto import ferry_pb2 as fpb
+    from client._proto import ferry_pb2_grpc as fpb_grpc
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with background_server(example_repo, Tracing(provider), http_port=None) as running:
+        with grpc.insecure_channel(running.address) as channel:
+            reply = fpb_grpc.OutcomeServiceStub(channel).ReportOutcomes(
+                fpb.ReportOutcomesRequest(outcomes=[fpb.Outcome(request_id="never-seen", model_name="digits", label=1)])
+            )
+        assert reply.unmatched == 1
+    (span,) = by_name(exporter.get_finished_spans(), "ferry.v1.OutcomeService/ReportOutcomes")
+    assert span.kind == SpanKind.SERVER and span.attributes is not None
+    assert span.attributes["rpc.service"] == "ferry.v1.OutcomeService" and span.attributes["rpc.grpc.status_code"] == 0
