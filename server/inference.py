@@ -90,7 +90,7 @@ class Call:
         if self._cache is not None:
             return None  # lookups and single flight live in later()
         try:
-            ran = self.model.run_now(self.feeds, self._span.context if self._span is not None else None)
+            ran = self.model.run_now(self.feeds, self.rows, self._span.context if self._span is not None else None)
             if ran is None:
                 return None
             outputs, batch = ran

@@ -193,8 +193,12 @@ class ModelVersion:
         # Batches that run faster than the hand-off to a worker thread (~40-90 µs here) run on the event loop:
         # measured on the 2-core machine, tiny's batch-1 round trip fell from ~120 to ~60 µs. Decided per batch
         # from a moving average of recent run times, so a version whose batches grow moves back to its threads.
+        # One estimate per batch size (rounded up to a power of two), of the running thread's CPU time rather than
+        # the wall clock (a worker thread waits for the GIL while the loop is busy). It falls at once to a faster
+        # run but rises only slowly: on a shared machine a ~20 µs run sometimes reads 100+ µs (the vCPU was taken
+        # away), and a plain moving average of such readings kept tiny on its threads for long stretches.
         self._inline_below_ns = inline_run_us * 1000
-        self._run_avg_ns = float("inf")  # unknown until measured: the first batches run on the executor
+        self._run_est_ns: dict[int, float] = {}  # by rows.bit_length(); unknown sizes run on the executor first
         self.cache_enabled = config.response_cache.enable
         self._session = session
         self.pipeline = pipeline  # preprocess.json's kernels: client feeds -> graph feeds, on each formed batch
@@ -260,33 +264,38 @@ class ModelVersion:
         it spent queued, and the batch it ran in. ``span`` is the request's span, linked from the batch span."""
         signature = None if self._fixed_shapes else tuple((k, v.shape[1:]) for k, v in sorted(feeds.items()))
         (outputs, info), queued_s = await self._batcher.submit(
-            (feeds, span), max(rows, 1), signature, deadline=deadline, priority=priority, timeout_s=timeout_s
+            (feeds, span, rows), max(rows, 1), signature, deadline=deadline, priority=priority, timeout_s=timeout_s
         )
         return outputs, queued_s, info
 
     def run_now(
-        self, feeds: dict[str, np.ndarray], span: SpanContext | None = None
+        self, feeds: dict[str, np.ndarray], rows: int, span: SpanContext | None = None
     ) -> tuple[list[np.ndarray], BatchInfo] | None:
         """Run one request at once on the event loop, when that is how its batch would run anyway: nothing queued,
         an instance free, and recent runs shorter than a hand-off to a worker thread. None when it cannot: queue it
         with :meth:`infer`. It never yields the loop, so no other request can take the instance meanwhile."""
-        if self._run_avg_ns >= self._inline_below_ns or not self._batcher.idle():
+        if not self._runs_inline(rows) or not self._batcher.idle():
             return None
         ((outputs, info),) = self._finished([span], *self._run_sync([feeds]))
         return outputs, info
 
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` rows (0: a model without a batch dimension) is estimated to run faster
+        than a hand-off to a worker thread."""
+        return self._run_est_ns.get(max(rows, 1).bit_length(), float("inf")) < self._inline_below_ns
+
     async def _run_batch(
-        self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None]]
+        self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None, int]]
     ) -> list[tuple[list[np.ndarray], BatchInfo]]:
-        feeds = [f for f, _ in batch]
-        if self._run_avg_ns < self._inline_below_ns:
+        feeds = [f for f, _, _ in batch]
+        if self._runs_inline(sum(rows for _, _, rows in batch)):
             ran = self._run_sync(feeds)
         else:
             try:
                 ran = await self._executor.submit(self._run_sync, feeds)
             except RuntimeError as err:  # the executor was shut down: the version is unloading
                 raise Unavailable(f"{self.describe()} is unloading: {err}") from None
-        return self._finished([span for _, span in batch], *ran)
+        return self._finished([span for _, span, _ in batch], *ran)
 
     def _finished(
         self,
@@ -294,12 +303,17 @@ class ModelVersion:
         results: list[list[np.ndarray]],
         rows: int,
         times: tuple[int, int, int, int],
+        took: int,
     ) -> list[tuple[list[np.ndarray], BatchInfo]]:
         """Account for one executed batch (run time average, statistics, batch span); pair each request's
-        outputs with the batch's description."""
+        outputs with the batch's description. ``took``: the CPU time of the thread that ran it."""
         t0, t1, t2, t3 = times
-        took = t3 - t0
-        self._run_avg_ns = took if self._run_avg_ns == float("inf") else 0.8 * self._run_avg_ns + 0.2 * took
+        size = rows.bit_length()
+        estimate = self._run_est_ns.get(size, float("inf"))
+        if took < estimate:
+            self._run_est_ns[size] = took
+        else:
+            self._run_est_ns[size] = estimate + 0.05 * (min(took, 4 * self._inline_below_ns) - estimate)
         self.stats.record_execution(rows, t1 - t0, t2 - t1, t3 - t2)
         self._batches += 1
         info = BatchInfo(self._batches, rows, len(results), t0, t1, t2, t3)
@@ -325,10 +339,11 @@ class ModelVersion:
 
     def _run_sync(
         self, batch: list[dict[str, np.ndarray]]
-    ) -> tuple[list[list[np.ndarray]], int, tuple[int, int, int, int]]:
-        """In a worker thread: one concatenation per input, one onnxruntime run, outputs split back as views.
-        Returns the per-request outputs, the rows, and perf_counter_ns readings at start, after concatenation
-        (and preprocessing), after the run, and at the end."""
+    ) -> tuple[list[list[np.ndarray]], int, tuple[int, int, int, int], int]:
+        """In a worker thread (or inline): one concatenation per input, one onnxruntime run, outputs split back as
+        views. Returns the per-request outputs, the rows, perf_counter_ns readings at start, after concatenation
+        (and preprocessing), after the run, and at the end, and the thread CPU time it took."""
+        cpu = time.thread_time_ns()
         t0 = time.perf_counter_ns()
         one = len(batch) == 1
         feeds = client_feeds = (
@@ -357,7 +372,7 @@ class ModelVersion:
                     raise Internal(f"{self.describe()}: output {name!r} has {out.shape[:1]} rows for a batch of {rows}")
             bounds = np.cumsum([0, *sizes]).tolist()
             results = [[out[a:b] for out in outputs] for a, b in itertools.pairwise(bounds)]
-        return results, rows, (t0, t1, t2, time.perf_counter_ns())
+        return results, rows, (t0, t1, t2, time.perf_counter_ns()), time.thread_time_ns() - cpu
 
     async def close(self) -> None:
         """Fail queued requests, let running batches finish, then stop the executor."""
