@@ -141,6 +141,34 @@ def _graph(args: list[ort.NodeArg]) -> list[GraphTensor]:
     ]
 
 
+class RunTimes:
+    """Whether a batch of a given size runs in less than ``short_ns``: one estimate per batch size (rows rounded
+    up to a power of two), of the running thread's CPU time rather than the wall clock (a worker thread waits for
+    the GIL while the loop is busy). An estimate falls at once to a faster run but rises only slowly: on a shared
+    machine a ~20 µs run sometimes reads 100+ µs (the vCPU was taken away), and a plain moving average of such
+    readings kept tiny on its worker threads for long stretches. A size never measured is not short."""
+
+    __slots__ = ("_estimates", "short_ns")
+
+    RISE = 0.05  # the weight of a slower reading
+
+    def __init__(self, short_ns: int) -> None:
+        self.short_ns = short_ns
+        self._estimates: dict[int, float] = {}
+
+    def short(self, rows: int) -> bool:
+        """``rows`` 0 is a model without a batch dimension (one row)."""
+        return self._estimates.get(max(rows, 1).bit_length(), float("inf")) < self.short_ns
+
+    def record(self, rows: int, took_ns: int) -> None:
+        size = max(rows, 1).bit_length()
+        estimate = self._estimates.get(size, float("inf"))
+        if took_ns < estimate:
+            self._estimates[size] = took_ns
+        else:  # readings are capped, so a slow one moves a short estimate by a bounded step
+            self._estimates[size] = estimate + self.RISE * (min(took_ns, 4 * self.short_ns) - estimate)
+
+
 @dataclass(slots=True)
 class BatchInfo:
     """One executed batch, as each of its requests sees it (perf_counter_ns readings)."""
@@ -191,14 +219,8 @@ class ModelVersion:
         self._tracing = tracing
         self._batches = 0
         # Batches that run faster than the hand-off to a worker thread (~40-90 µs here) run on the event loop:
-        # measured on the 2-core machine, tiny's batch-1 round trip fell from ~120 to ~60 µs. Decided per batch
-        # from a moving average of recent run times, so a version whose batches grow moves back to its threads.
-        # One estimate per batch size (rounded up to a power of two), of the running thread's CPU time rather than
-        # the wall clock (a worker thread waits for the GIL while the loop is busy). It falls at once to a faster
-        # run but rises only slowly: on a shared machine a ~20 µs run sometimes reads 100+ µs (the vCPU was taken
-        # away), and a plain moving average of such readings kept tiny on its threads for long stretches.
-        self._inline_below_ns = inline_run_us * 1000
-        self._run_est_ns: dict[int, float] = {}  # by rows.bit_length(); unknown sizes run on the executor first
+        # measured on the 2-core machine, tiny's batch-1 round trip fell from ~120 to ~60 µs.
+        self._run_times = RunTimes(inline_run_us * 1000)
         self.cache_enabled = config.response_cache.enable
         self._session = session
         self.pipeline = pipeline  # preprocess.json's kernels: client feeds -> graph feeds, on each formed batch
@@ -280,9 +302,7 @@ class ModelVersion:
         return outputs, info
 
     def _runs_inline(self, rows: int) -> bool:
-        """Whether a batch of ``rows`` rows (0: a model without a batch dimension) is estimated to run faster
-        than a hand-off to a worker thread."""
-        return self._run_est_ns.get(max(rows, 1).bit_length(), float("inf")) < self._inline_below_ns
+        return self._run_times.short(rows)
 
     async def _run_batch(
         self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None, int]]
@@ -308,12 +328,7 @@ class ModelVersion:
         """Account for one executed batch (run time average, statistics, batch span); pair each request's
         outputs with the batch's description. ``took``: the CPU time of the thread that ran it."""
         t0, t1, t2, t3 = times
-        size = rows.bit_length()
-        estimate = self._run_est_ns.get(size, float("inf"))
-        if took < estimate:
-            self._run_est_ns[size] = took
-        else:
-            self._run_est_ns[size] = estimate + 0.05 * (min(took, 4 * self._inline_below_ns) - estimate)
+        self._run_times.record(rows, took)
         self.stats.record_execution(rows, t1 - t0, t2 - t1, t3 - t2)
         self._batches += 1
         info = BatchInfo(self._batches, rows, len(results), t0, t1, t2, t3)
