@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from client._proto import model_config_pb2 as mc
 from client.errors import InvalidArgument
@@ -190,7 +190,10 @@ def encode_prediction(entry: Prediction) -> str:
         "inputs": {name: _tensor(array, options, name) for name, array in entry.inputs.items()},
         "outputs": {name: _tensor(array, options, None) for name, array in entry.outputs.items()},
     }
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    # orjson writes numeric arrays straight from their buffers (float32 as its shortest float32 text): measured
+    # ~8 µs for a 256-float input against ~210 µs for json.dumps over tolist(), and this runs in a thread that
+    # shares the GIL with the event loop.
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def _tensor(array: np.ndarray, options: PredictionLogOptions, input_name: str | None) -> dict[str, Any]:
@@ -209,12 +212,12 @@ def _tensor(array: np.ndarray, options: PredictionLogOptions, input_name: str | 
     return out
 
 
-def _values(flat: np.ndarray) -> list[Any]:
+def _values(flat: np.ndarray) -> np.ndarray | list[Any]:
     if flat.dtype.kind == "f" and not np.isfinite(flat).all():
         return [x if math.isfinite(x) else str(x) for x in flat.tolist()]
     if flat.dtype.kind in "OS":
         return [x.decode("utf-8", "backslashreplace") if isinstance(x, bytes) else str(x) for x in flat.tolist()]
-    return list(flat.tolist())
+    return np.ascontiguousarray(flat)  # serialized by orjson without a Python object per element
 
 
 class PredictionLog:
