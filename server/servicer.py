@@ -19,7 +19,7 @@ from server.cache import ResultCache
 from server.inference import Call, infer
 from server.repository import ModelRepository
 from server.rpc import rpc, status_of
-from server.telemetry import NO_TRACING, Tracing, current_span, restore, use
+from server.telemetry import NO_TRACING, Span, Tracing, current_span, restore, use
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         self.tracing.end(span)
                     await write(reply)
                     continue
-                task = asyncio.create_task(self._traced(answer(request, call), span))
+                work = answer(request, call)
+                task = asyncio.create_task(work if span is None else self._traced(work, span))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:  # the client is done sending: answer what is still running
@@ -172,11 +173,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in tasks:
                 task.cancel()
 
-    async def _traced(self, work: Awaitable[None], span: Any) -> None:
+    async def _traced(self, work: Awaitable[None], span: Span) -> None:
         """Run a stream request's answer with its span current, and record the span when it is answered."""
-        if span is None:
-            await work
-            return
         use(span)  # this task's own context: nothing to restore
         try:
             await work
