@@ -63,6 +63,22 @@ class Span:
         self.status = Status(StatusCode.UNSET)
 
 
+class _HashedResource(Resource):
+    """The provider's resource, hashed once. The OTLP encoder groups every batch of spans by resource, and the
+    SDK's Resource hashes itself by serializing its attributes to JSON on each call: a fifth of the exporter's
+    ~28 µs per span, measured here."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 _CURRENT: contextvars.ContextVar[Span | None] = contextvars.ContextVar("ferry_span", default=None)
 
 
@@ -81,7 +97,7 @@ class Tracing:
         if provider is not None:
             self._sampler = provider.sampler
             self._ids = provider.id_generator
-            self._resource = provider.resource
+            self._resource: Resource = _HashedResource(provider.resource)
             # The SDK keeps its processors in this (private, long-stable) attribute; finished spans go straight to it.
             self._processor: SpanProcessor = provider._active_span_processor
             self._fields = {f.lower() for f in get_global_textmap().fields}
