@@ -146,3 +146,33 @@ def test_overload_is_answered_or_rejected_and_memory_stays_bounded(example_repo:
     for error in rejected:
         assert "queue is full (16 requests waiting" in (error.details() or "")
     assert grown_mib < 200, f"server RSS grew {grown_mib:.0f} MiB under overload"
+
+
+def test_one_stream_mixes_requests_answered_at_once_with_queued_ones(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """tiny runs in the reading turn (no window, a short run); mlp waits for its window in the batcher. On one
+    stream, every answer must still reach its own request, whichever path it took."""
+    tiny = 'name: "tiny"\nmax_batch_size: 64\ndynamic_batching { }\n'
+    root = repository(example_repo, tmp_path_factory.mktemp("mixed-stream"), {"mlp": MLP_BATCHED, "tiny": tiny})
+    sessions = {m: ort.InferenceSession(str(example_repo / m / "1" / "model.onnx")) for m in ("mlp", "tiny")}
+    rng = np.random.default_rng(11)
+    cases = [
+        ("tiny", rng.standard_normal((1, 16)).astype(np.float32))
+        if i % 2
+        else ("mlp", rng.standard_normal((1 + i % 3, 256)).astype(np.float32))
+        for i in range(300)
+    ]
+    with background_server(root, http_port=None) as running, grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        requests = [request_for(model, {"input": x}, id=str(i)) for i, (model, x) in enumerate(cases)]
+        replies = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+        mlp = statistics(stub, "mlp")
+    assert len(replies) == len(cases)
+    for reply in replies:
+        assert not reply.error_message, reply.error_message
+        model, x = cases[int(reply.infer_response.id)]
+        assert reply.infer_response.model_name == model
+        expected = sessions[model].run(None, {"input": x})[0]
+        np.testing.assert_allclose(outputs_of(reply.infer_response)["output"], expected, rtol=1e-4, atol=1e-5)
+    assert mlp.execution_count < 150  # mlp's requests shared executions while tiny's were answered at once
