@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -35,6 +35,8 @@ from server.servicer import SERVICE_NAME, InferenceServicer
 from server.telemetry import Tracing
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -170,8 +172,8 @@ async def serve(config: ServerConfig) -> None:
         await server.stop()
 
 
-def run(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
-    """Run ``main`` to completion, on uvloop when it is installed and wanted."""
+def run(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:
+    """Run ``main`` to completion, on uvloop when it is installed and wanted; returns its result."""
     factory = None
     if use_uvloop:
         try:
@@ -181,4 +183,4 @@ def run(main: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
         else:
             factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+        return runner.run(main)
