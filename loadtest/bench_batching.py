@@ -236,12 +236,15 @@ def bench_main(
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--quick", action="store_true", help="short windows, one round: a smoke run")
     parser.add_argument("--doc", type=Path, help="file whose section to rewrite (default BENCHMARKS.md)")
+    parser.add_argument(
+        "--rounds", type=int, default=rounds, help=f"rounds per pair, order alternating (default {rounds})"
+    )
     args = parser.parse_args(argv)
     ok, why = perf_analyzer.usable()
     if not ok:
         print(f"bench: {why}", file=sys.stderr)
         return 2
-    settings = Settings.quick() if args.quick else Settings(rounds=rounds)
+    settings = Settings.quick() if args.quick else Settings(rounds=args.rounds)
     doc = args.doc or (None if args.quick else ROOT / "BENCHMARKS.md")
     args.out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), os.getloadavg()[0]
