@@ -13,6 +13,7 @@ import asyncio
 import time
 
 import numpy as np
+from opentelemetry.trace import SpanContext
 
 from client._proto import grpc_service_pb2 as pb
 from client.errors import DeadlineExceeded, FerryError, InvalidArgument
@@ -90,7 +91,7 @@ class Call:
         if self._cache is not None:
             return None  # lookups and single flight live in later()
         try:
-            ran = self.model.run_now(self.feeds, self.rows, self._span.context if self._span is not None else None)
+            ran = self.model.run_now(self.feeds, self.rows, self._span_context)
             if ran is None:
                 return None
             outputs, batch = ran
@@ -116,7 +117,7 @@ class Call:
                 deadline=self.deadline,
                 priority=self.priority,
                 timeout_s=self.timeout_s,
-                span=self._span.context if self._span is not None else None,
+                span=self._span_context,
             )
             model.stats.record_queue(int(queued_s * 1e9))
             queued = queued_s > 0
@@ -138,6 +139,11 @@ class Call:
         except BaseException as err:
             self._failed(err)
             raise
+
+    @property
+    def _span_context(self) -> SpanContext | None:
+        """The request span's context, which the batch span links to (None: not traced, or not sampled)."""
+        return self._span.context if self._span is not None else None
 
     def _selected(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
         """The requested outputs, in the request's order, from all of the model's (in config order)."""

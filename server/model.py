@@ -143,10 +143,11 @@ def _graph(args: list[ort.NodeArg]) -> list[GraphTensor]:
 
 class RunTimes:
     """Whether a batch of a given size runs in less than ``short_ns``: one estimate per batch size (rows rounded
-    up to a power of two), of the running thread's CPU time rather than the wall clock (a worker thread waits for
-    the GIL while the loop is busy). An estimate falls at once to a faster run but rises only slowly: on a shared
-    machine a ~20 µs run sometimes reads 100+ µs (the vCPU was taken away), and a plain moving average of such
-    readings kept tiny on its worker threads for long stretches. A size never measured is not short."""
+    up to a power of two), fed by ``ModelVersion._run_sync``'s readings (a worker thread's CPU time, since its wall
+    time includes waits for the GIL while the loop is busy; the wall time of a run on the loop). An estimate falls
+    at once to a faster run but rises only slowly: on a shared machine a ~20 µs run sometimes reads 100+ µs (the
+    vCPU was taken away), and a plain moving average of such readings kept tiny on its worker threads for long
+    stretches. A size never measured is not short."""
 
     __slots__ = ("_estimates", "short_ns")
 
@@ -296,19 +297,16 @@ class ModelVersion:
         """Run one request at once on the event loop, when that is how its batch would run anyway: nothing queued,
         an instance free, and recent runs shorter than a hand-off to a worker thread. None when it cannot: queue it
         with :meth:`infer`. It never yields the loop, so no other request can take the instance meanwhile."""
-        if not self._runs_inline(rows) or not self._batcher.idle():
+        if not self._run_times.short(rows) or not self._batcher.idle():
             return None
         ((outputs, info),) = self._finished([span], *self._run_sync([feeds]))
         return outputs, info
-
-    def _runs_inline(self, rows: int) -> bool:
-        return self._run_times.short(rows)
 
     async def _run_batch(
         self, batch: list[tuple[dict[str, np.ndarray], SpanContext | None, int]]
     ) -> list[tuple[list[np.ndarray], BatchInfo]]:
         feeds = [f for f, _, _ in batch]
-        if self._runs_inline(sum(rows for _, _, rows in batch)):
+        if self._run_times.short(sum(rows for _, _, rows in batch)):
             ran = self._run_sync(feeds)
         else:
             try:
@@ -326,7 +324,7 @@ class ModelVersion:
         took: int,
     ) -> list[tuple[list[np.ndarray], BatchInfo]]:
         """Account for one executed batch (run time average, statistics, batch span); pair each request's
-        outputs with the batch's description. ``took``: the CPU time of the thread that ran it."""
+        outputs with the batch's description. ``took``: how long the run took, as ``_run_sync`` reads it."""
         t0, t1, t2, t3 = times
         self._run_times.record(rows, took)
         self.stats.record_execution(rows, t1 - t0, t2 - t1, t3 - t2)

@@ -175,8 +175,8 @@ class Prediction:
     """Seconds since the epoch (``time.time()``) when the prediction was made."""
 
 
-def encode_prediction(entry: Prediction) -> str:
-    """The JSON line (without the newline) of one prediction; runs in the writer thread."""
+def encode_prediction(entry: Prediction) -> bytes:
+    """The JSON line (UTF-8, without the newline) of one prediction; runs in the writer thread."""
     options = entry.options
     stamp = datetime.fromtimestamp(entry.timestamp, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     record = {
@@ -193,7 +193,7 @@ def encode_prediction(entry: Prediction) -> str:
     # orjson writes numeric arrays straight from their buffers (float32 as its shortest float32 text): measured
     # ~8 µs for a 256-float input against ~210 µs for json.dumps over tolist(), and this runs in a thread that
     # shares the GIL with the event loop.
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _tensor(array: np.ndarray, options: PredictionLogOptions, input_name: str | None) -> dict[str, Any]:
@@ -234,7 +234,7 @@ class PredictionLog:
         backups: int,
         queue_size: int,
         *,
-        encode: Callable[[Prediction], str] = encode_prediction,
+        encode: Callable[[Prediction], bytes] = encode_prediction,
     ) -> None:
         PredictionLogSettings(path, max_bytes, backups, queue_size)  # validates
         self.path = Path(path)
@@ -312,7 +312,7 @@ class PredictionLog:
 
     def _write_entry(self, entry: Prediction) -> None:
         try:
-            line = (self._encode(entry) + "\n").encode("utf-8")
+            line = self._encode(entry) + b"\n"
         except Exception:
             self.failed += 1
             log.exception("prediction log: cannot encode a prediction of model %r", entry.model)

@@ -75,9 +75,6 @@ class _HashedResource(Resource):
     def __hash__(self) -> int:
         return self._hash
 
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
-
 
 _CURRENT: contextvars.ContextVar[Span | None] = contextvars.ContextVar("ferry_span", default=None)
 

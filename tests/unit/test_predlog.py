@@ -262,7 +262,7 @@ def test_reopening_appends_and_counts_the_existing_size(tmp_path: Path) -> None:
 def test_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
     writing, release = threading.Event(), threading.Event()
 
-    def blocked_encode(entry: Prediction) -> str:
+    def blocked_encode(entry: Prediction) -> bytes:
         writing.set()
         assert release.wait(WAIT_S), "the test never released the writer"
         return encode_prediction(entry)
