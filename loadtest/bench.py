@@ -23,6 +23,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -139,6 +140,18 @@ def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str) -> str:
         if line.startswith(prefix) and found:
             return found.group(1)
     raise RuntimeError(f"{name} printed no ready line within {READY_TIMEOUT_S}s")
+
+
+def batched_copy(models: Path, into: Path, names: Sequence[str]) -> Path:
+    """A repository at ``into`` holding copies of the ``names`` models of ``models``, each with ``dynamic_batching
+    { }`` added to its config.pbtxt unless it has the block already (Ferry's batching with its defaults)."""
+    for name in names:
+        shutil.copytree(models / name, into / name)
+        pbtxt = into / name / "config.pbtxt"
+        text = pbtxt.read_text() if pbtxt.exists() else ""
+        if "dynamic_batching" not in text:
+            pbtxt.write_text(text.rstrip("\n") + "\ndynamic_batching { }\n")
+    return into
 
 
 def ferry_command(models: Path) -> list[str]:

@@ -13,7 +13,6 @@ same way, as the floor. Every figure is a mean over ``--requests`` requests afte
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
+from loadtest.bench import batched_copy
 from loadtest.echo import EchoServicer
 from server.app import run
 from server.cache import ResultCache
@@ -82,12 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2000, help="requests answered before timing starts")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:  # the model alone, with Ferry's batching on
-        root = Path(tmp) / args.model
-        shutil.copytree(args.model_repository / args.model, root)
-        config = root / "config.pbtxt"
-        text = config.read_text() if config.exists() else ""
-        if "dynamic_batching" not in text:
-            config.write_text(text + "\ndynamic_batching { }\n")
+        batched_copy(args.model_repository, Path(tmp), [args.model])
         repository = ModelRepository(ServerConfig(model_repository=Path(tmp)))
         repository.load_all()
         means = run(measure(repository, args.model, args.requests, args.warmup), use_uvloop=True)

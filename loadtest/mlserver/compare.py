@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -127,13 +126,7 @@ def git_commit(ref: str) -> str:
 
 
 def ferry_repository(models: Path, into: Path) -> Path:
-    for name in MODELS:
-        shutil.copytree(models / name, into / name)
-        pbtxt = into / name / "config.pbtxt"
-        text = pbtxt.read_text()
-        if "dynamic_batching" not in text:
-            pbtxt.write_text(text.rstrip("\n") + "\ndynamic_batching { }\n")
-    return into
+    return bench.batched_copy(models, into, MODELS)
 
 
 # --- measurements ---------------------------------------------------------------------------------------------
