@@ -8,7 +8,7 @@ import os
 import queue
 import shutil
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -47,8 +47,12 @@ def traced(
         yield running, exporter
 
 
-def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+def by_name(spans: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
+
+
+def children_of(spans: Sequence[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    return [s for s in spans if s.parent and s.parent.span_id == parent.context.span_id]
 
 
 def test_rpc_span_continues_the_callers_trace_with_stage_children(
@@ -74,7 +78,7 @@ def test_rpc_span_continues_the_callers_trace_with_stage_children(
     assert rpc.attributes["ferry.model"] == "mlp" and rpc.attributes["ferry.model_version"] == 1
     assert len(str(rpc.attributes["ferry.model_sha256"])) == 64
     for stage in ("decode", "queue wait", "preprocess", "model run", "encode"):
-        children = [s for s in by_name(spans, stage) if s.parent and s.parent.span_id == rpc.context.span_id]
+        children = children_of(by_name(spans, stage), rpc)
         assert len(children) == 1, stage
         assert children[0].start_time <= children[0].end_time  # type: ignore[operator]
     (batch,) = by_name(spans, "batch")
@@ -130,10 +134,11 @@ def test_stream_requests_get_spans_under_the_stream(traced: tuple[BackgroundServ
     assert len(replies) == 3
     spans = exporter.get_finished_spans()
     (stream,) = by_name(spans, "inference.GRPCInferenceService/ModelStreamInfer")
-    children = [
-        s for s in by_name(spans, "ModelStreamInfer request") if s.parent and s.parent.span_id == stream.context.span_id
-    ]
+    children = children_of(by_name(spans, "ModelStreamInfer request"), stream)
     assert len(children) == 3
+    for request in children:  # each request's stages are children of its own span
+        assert request.attributes is not None and request.attributes["ferry.model"] == "mlp"
+        assert {"decode", "preprocess", "model run", "encode"} <= {s.name for s in children_of(spans, request)}
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -205,22 +210,6 @@ def test_unsampled_requests_record_nothing(example_repo: Path) -> None:
     assert exporter.get_finished_spans() == ()
 
 
-def test_stream_request_stages_are_children_of_its_request_span(
-    traced: tuple[BackgroundServer, InMemorySpanExporter],
-) -> None:
-    server, exporter = traced
-    exporter.clear()
-    with grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        requests = [request_for("mlp", {"input": np.ones((1, 256), np.float32)}, id=f"c{i}") for i in range(2)]
-        assert len(list(stub.ModelStreamInfer(iter(requests), timeout=30))) == 2
-    spans = exporter.get_finished_spans()
-    for request in by_name(spans, "ModelStreamInfer request"):
-        assert request.attributes is not None and request.attributes["ferry.model"] == "mlp"
-        stages = {s.name for s in spans if s.parent and s.parent.span_id == request.context.span_id}
-        assert {"decode", "preprocess", "model run", "encode"} <= stages
-
-
 def test_the_providers_sampler_decides_and_unsampled_requests_record_nothing(example_repo: Path) -> None:
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
@@ -237,9 +226,7 @@ def test_the_providers_sampler_decides_and_unsampled_requests_record_nothing(exa
             rpcs = by_name(exporter.get_finished_spans(), "inference.GRPCInferenceService/ModelInfer")
             assert 60 <= len(rpcs) <= 140  # about half of 200 (binomial: 5 standard deviations either side)
             for rpc in rpcs:  # a sampled request records its stages too; an unsampled one records nothing at all
-                stages = [
-                    s for s in exporter.get_finished_spans() if s.parent and s.parent.span_id == rpc.context.span_id
-                ]
+                stages = children_of(exporter.get_finished_spans(), rpc)
                 assert {s.name for s in stages} == {"decode", "preprocess", "model run", "encode"}
             exporter.clear()
             stub.ModelInfer(request_for("tiny", {"input": x}), metadata=[("traceparent", unsampled_parent)])
