@@ -120,11 +120,17 @@ def ceiling_case(
     case = paired(echo, ferry, settings, "mlp", concurrency, rows=rows)
     formed = max(1, round(case[ferry.name]["rows_per_execution"]))
     r_rows = raw_ort.rows_per_second(models / "mlp" / "1" / "model.onnx", formed, settings.raw_seconds)
-    e_rows = case[echo.name]["infer_per_s"] * rows  # perf_analyzer counts inferences = rows
-    ceiling = 1 / (1 / e_rows + 1 / r_rows)
+    e_rows = case[echo.name]["infer_per_s"]  # perf_analyzer's infer/s at -b r counts rows: it is E·r already
+    ceiling = combined_ceiling(e_rows, r_rows)
     case.update(rows=rows, formed_batch=formed, raw_rows_per_s=r_rows, echo_rows_per_s=e_rows, ceiling=ceiling)
-    case["ferry_over_ceiling"] = case[ferry.name]["infer_per_s"] * 1 / ceiling  # infer/s of -b r is rows/s
+    case["ferry_over_ceiling"] = case[ferry.name]["infer_per_s"] / ceiling  # rows/s too
     return case
+
+
+def combined_ceiling(echo_rows_per_s: float, raw_rows_per_s: float) -> float:
+    """B = 1 / (1/(E·r) + 1/R): the two costs share the cores. Both arguments in rows/s; perf_analyzer's infer/s
+    at ``-b r`` is rows/s (requests/s times r), so E·r is the echo server's infer/s as perf_analyzer reports it."""
+    return 1 / (1 / echo_rows_per_s + 1 / raw_rows_per_s)
 
 
 def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> dict[str, Any]:

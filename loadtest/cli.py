@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of requests repeating a few fixed ones (exercises the result cache)",
     )
+    p.add_argument("--client", choices=("wire", "grpcio"), default="wire", help="wire: loadtest.wire, gRPC written "
+                   "onto HTTP/2 (about perf_analyzer's CPU per call); grpcio: grpc.aio, 2-3x that (wire)")  # fmt: skip
     p.add_argument("--processes", type=int, default=default_processes(), help="load generator processes (default: "
                    "one per CPU, at most 4)")  # fmt: skip
     p.add_argument("--max-requests", type=int, default=1_000_000, metavar="N", help="cap on requests per step")

@@ -1,10 +1,14 @@
 """The load generator's worker process: asyncio gRPC clients sending prepared request bytes.
 
-Each worker process (started with ``spawn``) owns one event loop (uvloop when installed), one channel to the
+Each worker process (started with ``spawn``) owns one event loop (uvloop when installed), one connection to the
 target, and the step it is told to run: a closed loop of ``concurrency`` slots, each sending its next request when
 the previous one answers, or an open loop that sends on a fixed schedule (:mod:`loadtest.schedule`) whatever the
-server does. Unary mode calls ``ModelInfer`` with no serializer (the payload is already bytes); stream mode sends on
-one ``ModelStreamInfer`` stream per worker, matching answers to requests by ``id``.
+server does. Unary mode calls ``ModelInfer`` with the prepared request bytes and does not parse the reply; stream
+mode sends on one ``ModelStreamInfer`` stream per worker, matching answers to requests by ``id``.
+
+Two clients carry the calls: :mod:`loadtest.wire` (the default: gRPC written straight onto HTTP/2, about
+perf_analyzer's CPU per call) and grpcio's ``grpc.aio`` (``--client grpcio``: the reference implementation, 2-3x the
+CPU per call). Both sit behind the same small interface, :class:`WireClient` and :class:`GrpcioClient`.
 
 Timing (``time.perf_counter_ns``, a system-wide monotonic clock; steps start at a wall-clock time the parent
 chooses, converted once per step): a step is a warm-up, then the measurement window ``[ws, we)``, then a drain of
@@ -21,13 +25,15 @@ import contextlib
 import itertools
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from client._proto import grpc_service_pb2 as pb
+from loadtest import wire
 from loadtest.histogram import Histogram
 from loadtest.schedule import intended_offsets
 from loadtest.workload import RequestMaker, Workload
@@ -38,6 +44,7 @@ STATUS_CODE_PARAMETER = "ferry_status_code"  # client.errors keeps its own name 
 PROGRESS_INTERVAL_S = 0.5
 MAX_IN_FLIGHT = 4096
 """Open loop: requests outstanding per worker before sending waits (still charged from the intended time)."""
+CLIENTS = ("wire", "grpcio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,24 +97,169 @@ class Tally:
         }
 
 
-class Worker:
-    """Runs steps on one channel; lives for the whole run so connections stay warm between steps."""
+class Stream(Protocol):
+    """One ``ModelStreamInfer`` stream, as the generator uses it."""
 
-    def __init__(self, target: str, workload: Workload, worker: int, nonce: int, seed: int, progress: Any) -> None:
+    async def write(self, message: bytes) -> None: ...
+
+    async def done_writing(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    async def result(self) -> str:
+        """The stream's final status name, once it has ended (``"OK"`` when the server closed it cleanly)."""
+        ...
+
+
+class Client(Protocol):
+    """How a worker reaches the server: unary calls whose replies are not read, and streams."""
+
+    async def ready(self, timeout_s: float) -> None: ...
+
+    async def unary(self, message: bytes, timeout_s: float) -> str:
+        """One ``ModelInfer`` call of serialized request bytes; its status name (``"OK"`` on success)."""
+        ...
+
+    async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:
+        """Open a ``ModelStreamInfer`` stream; each serialized reply goes to ``on_reply``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class WireClient:
+    """:mod:`loadtest.wire` connections; a new one is opened when the server has closed or is closing the last."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.conn: wire.Connection | None = None
+
+    async def _connection(self) -> wire.Connection:
+        conn = self.conn
+        if conn is None or not conn.usable:
+            if conn is not None and not conn.streams:
+                conn.close()
+            try:
+                conn = self.conn = await wire.open_connection(self.target)
+            except (OSError, TimeoutError) as err:
+                raise wire.CallError("UNAVAILABLE", f"cannot connect to {self.target}: {err}") from None
+        return conn
+
+    async def ready(self, timeout_s: float) -> None:
+        self.conn = await wire.open_connection(self.target, timeout_s)
+
+    async def unary(self, message: bytes, timeout_s: float) -> str:
+        try:
+            return await (await self._connection()).unary(INFER, message, timeout_s)
+        except wire.CallError as err:
+            return err.code
+
+    async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:
+        return _WireStream(await (await self._connection()).stream(STREAM, on_reply))
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+class _WireStream:
+    def __init__(self, call: wire.Call) -> None:
+        self.call = call
+
+    async def write(self, message: bytes) -> None:
+        self.call.write(message)  # never waits: flow control holds what the window cannot take yet
+
+    async def done_writing(self) -> None:
+        self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    async def result(self) -> str:
+        return await self.call.result()
+
+
+class GrpcioClient:
+    """grpcio's ``grpc.aio`` channel, bytes in and out (no protobuf on the hot path)."""
+
+    def __init__(self, target: str) -> None:
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    ("grpc.use_local_subchannel_pool", 1)]  # fmt: skip
         self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.infer = self.channel.unary_unary(INFER)  # bytes in, bytes out: no protobuf on the hot path
-        self.stream_method = self.channel.stream_stream(
-            STREAM, response_deserializer=pb.ModelStreamInferResponse.FromString
-        )
+        self.infer = self.channel.unary_unary(INFER)
+        self.stream_method = self.channel.stream_stream(STREAM)
+
+    async def ready(self, timeout_s: float) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+
+    async def unary(self, message: bytes, timeout_s: float) -> str:
+        try:
+            await self.infer(message, timeout=timeout_s)
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+        return "OK"
+
+    async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:
+        return _GrpcioStream(self.stream_method(), on_reply)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class _GrpcioStream:
+    def __init__(self, call: Any, on_reply: Callable[[bytes], None]) -> None:
+        self.call = call
+        self.lock = asyncio.Lock()  # grpc.aio takes one write at a time
+        self.reader = asyncio.create_task(self._read(on_reply))
+
+    async def _read(self, on_reply: Callable[[bytes], None]) -> str:
+        try:
+            async for reply in self.call:
+                on_reply(reply)
+        except grpc.aio.AioRpcError as err:
+            return str(err.code().name)
+        return "OK"
+
+    async def write(self, message: bytes) -> None:
+        try:
+            async with self.lock:
+                await self.call.write(message)
+        except grpc.aio.AioRpcError as err:
+            raise wire.CallError(err.code().name) from None
+        except (grpc.aio.UsageError, asyncio.InvalidStateError) as err:
+            raise wire.CallError("UNAVAILABLE", str(err)) from None
+
+    async def done_writing(self) -> None:
+        async with self.lock:
+            await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+    async def result(self) -> str:
+        return await asyncio.shield(self.reader)
+
+
+def make_client(kind: str, target: str) -> Client:
+    if kind == "wire":
+        return WireClient(target)
+    if kind == "grpcio":
+        return GrpcioClient(target)
+    raise ValueError(f"client must be one of {CLIENTS}, got {kind!r}")
+
+
+class Worker:
+    """Runs steps on one connection; lives for the whole run so connections stay warm between steps."""
+
+    def __init__(self, client: Client, workload: Workload, worker: int, nonce: int, seed: int, progress: Any) -> None:
+        self.client = client
         self.maker = RequestMaker(workload, worker, nonce, seed)
         self.worker = worker
         self.progress = progress
         self.ids = itertools.count()
 
     async def ready(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
+        await self.client.ready(timeout_s)
 
     async def run(self, plan: StepPlan) -> Tally:
         tally = Tally()
@@ -137,9 +289,8 @@ class _Run:
         self.idle = asyncio.Event()
         self.slot_free = asyncio.Event()
         self.pending: dict[str, tuple[int, int, int, asyncio.Future[None] | None]] = {}
-        self.stream: Any = None
-        self.reader: asyncio.Task[None] | None = None
-        self.write_lock = asyncio.Lock()
+        self.stream: Stream | None = None
+        self.watcher: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # open-loop unary calls in flight
 
     # --- accounting ------------------------------------------------------------------------------------------
@@ -183,7 +334,7 @@ class _Run:
     async def execute(self) -> None:
         plan = self.plan
         if plan.mode == "stream":
-            self.open_stream()
+            await self.open_stream()
         delay = (self.start_ns - time.perf_counter_ns()) / 1e9
         if delay > 0:
             await asyncio.sleep(delay)
@@ -255,10 +406,8 @@ class _Run:
         sent = time.perf_counter_ns()
         code: str | None = "DEADLINE_EXCEEDED"  # unless it answers: cancelled by the drain
         try:
-            await self.w.infer(payload, timeout=self.plan.timeout_s)
-            code = None
-        except grpc.aio.AioRpcError as err:
-            code = err.code().name
+            status = await self.w.client.unary(payload, self.plan.timeout_s)
+            code = None if status == "OK" else status
         finally:
             self.in_flight -= 1
             self.finish(intended, sent, rows, code)
@@ -268,24 +417,23 @@ class _Run:
 
     # --- stream ----------------------------------------------------------------------------------------------
 
-    def open_stream(self) -> None:
-        self.stream = self.w.stream_method()
-        self.reader = asyncio.create_task(self.read_stream(self.stream))
+    async def open_stream(self) -> None:
+        self.stream = stream = await self.w.client.stream(self.read_reply)
+        self.watcher = asyncio.create_task(self.watch_stream(stream))
 
     async def send_stream(self, payload: bytes, rows: int, intended: int, *, wait: bool) -> None:
-        if self.stream is None:
-            self.open_stream()
         request_id = str(next(self.w.ids))
         future: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if wait else None
         self.in_flight += 1
         sent = time.perf_counter_ns()
         self.pending[request_id] = (intended, sent, rows, future)
-        stream = self.stream
         try:
-            async with self.write_lock:  # one writer at a time on a stream
-                await stream.write(payload + _id_field(request_id))
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
-            self.resolve(request_id, _code_of(err))
+            if self.stream is None:  # the last one ended: open another
+                await self.open_stream()
+            assert self.stream is not None
+            await self.stream.write(payload + _id_field(request_id))
+        except wire.CallError as err:
+            self.resolve(request_id, err.code)
         if future is not None:
             await future
 
@@ -302,18 +450,20 @@ class _Run:
         if self.in_flight == 0:
             self.idle.set()
 
-    async def read_stream(self, stream: Any) -> None:
+    def read_reply(self, message: bytes) -> None:
+        reply = pb.ModelStreamInferResponse.FromString(message)
+        response = reply.infer_response
+        code = None
+        if reply.error_message:
+            param = response.parameters.get(STATUS_CODE_PARAMETER)
+            code = param.string_param if param is not None and param.string_param else "UNKNOWN"
+        self.resolve(response.id, code)
+
+    async def watch_stream(self, stream: Stream) -> None:
+        """When the stream ends, whatever it had not answered fails with its status."""
         try:
-            async for reply in stream:
-                response = reply.infer_response
-                code = None
-                if reply.error_message:
-                    param = response.parameters.get(STATUS_CODE_PARAMETER)
-                    code = param.string_param if param is not None and param.string_param else "UNKNOWN"
-                self.resolve(response.id, code)
-            failure = "UNAVAILABLE"  # the server closed the stream with requests outstanding
-        except grpc.aio.AioRpcError as err:
-            failure = err.code().name
+            status = await stream.result()
+            failure = "UNAVAILABLE" if status == "OK" else status  # OK: closed with requests outstanding
         except asyncio.CancelledError:
             failure = "DEADLINE_EXCEEDED"
         if self.stream is stream:
@@ -322,15 +472,14 @@ class _Run:
             self.resolve(request_id, failure)
 
     async def close_stream(self) -> None:
-        stream, reader = self.stream, self.reader
+        stream, watcher = self.stream, self.watcher
         self.stream = None
         if stream is not None:
             with contextlib.suppress(Exception):
-                async with self.write_lock:
-                    await stream.done_writing()
-        if reader is not None:
+                await stream.done_writing()
+        if watcher is not None:
             with contextlib.suppress(BaseException):
-                await asyncio.wait_for(reader, 5)  # the server ends the stream once it has answered everything
+                await asyncio.wait_for(watcher, 5)  # the server ends the stream once it has answered everything
         if stream is not None:
             stream.cancel()
 
@@ -357,15 +506,11 @@ def _id_field(request_id: str) -> bytes:
     return bytes([0x1A, len(data)]) + data  # ids are short decimal strings, so the length fits one byte
 
 
-def _code_of(err: BaseException) -> str:
-    return err.code().name if isinstance(err, grpc.aio.AioRpcError) else "UNAVAILABLE"
-
-
 # --- process entry point ---------------------------------------------------------------------------------------
 
 
 def worker_main(conn: Connection, messages: Any, target: str, workload: Workload, worker: int, nonce: int,
-                seed: int) -> None:  # fmt: skip
+                seed: int, client: str = "wire") -> None:  # fmt: skip
     """Entry point of a worker process: report ``ready``, then run each StepPlan received until ``None``."""
     loop: asyncio.AbstractEventLoop
     try:
@@ -380,13 +525,13 @@ def worker_main(conn: Connection, messages: Any, target: str, workload: Workload
         messages.put(("progress", worker, step, (done, failed, recent)))
 
     try:
-        w = Worker(target, workload, worker, nonce, seed, progress)
+        w = Worker(make_client(client, target), workload, worker, nonce, seed, progress)
         loop.run_until_complete(w.ready(30))
         messages.put(("ready", worker, -1, None))
         while (plan := conn.recv()) is not None:
             tally = loop.run_until_complete(w.run(plan))
             messages.put(("result", worker, plan.index, tally.to_dict()))
-        loop.run_until_complete(w.channel.close())
+        loop.run_until_complete(w.client.close())
     except Exception as err:
         messages.put(("error", worker, -1, f"{type(err).__name__}: {err}"))
     finally:

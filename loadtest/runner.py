@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from loadtest import serverview
-from loadtest.generator import StepPlan, worker_main
+from loadtest.generator import CLIENTS, StepPlan, worker_main
 from loadtest.histogram import Histogram
 from loadtest.schedule import split_evenly
 from loadtest.steps import StepResult, StepSpec, summarize
@@ -44,10 +44,13 @@ class RunConfig:
     timeout_s: float = 10.0  # per request; also bounds the drain after each window
     max_requests: int = 1_000_000  # per step, over all workers
     seed: int = 0
+    client: str = "wire"  # "wire" (loadtest.wire) | "grpcio"
 
     def __post_init__(self) -> None:
         if self.mode not in ("unary", "stream"):
             raise ValueError(f"mode must be unary or stream, got {self.mode!r}")
+        if self.client not in CLIENTS:
+            raise ValueError(f"client must be one of {CLIENTS}, got {self.client!r}")
         if self.processes < 1 or self.duration_s <= 0 or self.warmup_s < 0 or self.timeout_s <= 0:
             raise ValueError("processes >= 1, duration > 0, warmup >= 0 and timeout > 0 are required")
         if self.max_requests < 1:
@@ -74,7 +77,7 @@ class LoadTest:
             parent, child = self._ctx.Pipe()
             proc = self._ctx.Process(
                 target=worker_main,
-                args=(child, self._messages, config.target, workload, w, nonce, config.seed),
+                args=(child, self._messages, config.target, workload, w, nonce, config.seed, config.client),
                 name=f"ferry-loadtest-{w}",
                 daemon=True,
             )

@@ -56,7 +56,7 @@ class Session:
         self.config = RunConfig(
             target=args.target, model=args.model, version=args.version, mode=args.mode, processes=args.processes,
             warmup_s=warmup, duration_s=args.duration, timeout_s=args.timeout, max_requests=args.max_requests,
-            seed=args.seed,
+            seed=args.seed, client=args.client,
         )  # fmt: skip
 
     @classmethod
@@ -134,7 +134,7 @@ class Session:
             "mode": c.mode, "processes": c.processes, "duration_s": c.duration_s, "warmup_s": c.warmup_s,
             "timeout_s": c.timeout_s, "max_requests": c.max_requests, "rows": a.rows, "inputs": a.inputs,
             "duplicate_fraction": a.duplicate_fraction, "poisson": a.poisson, "slo_p99_ms": a.slo_p99_ms,
-            "max_error_rate": a.max_error_rate, "seed": a.seed,
+            "max_error_rate": a.max_error_rate, "seed": a.seed, "client": c.client,
         }  # fmt: skip
 
     def knee(self) -> tuple[float, float] | None:

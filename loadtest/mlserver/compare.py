@@ -325,7 +325,8 @@ def render(results: dict[str, Any]) -> str:
         "`loadtest/mlserver/launch.py` (= `mlserver start`, plus an in-process `ModelConfig` handler for "
         "perf_analyzer; `ModelInfer` takes MLServer's own path).",
         f"- **Load**: `loadtest/mlserver/drive.py`, closed loop, unary `ModelInfer`, input `input` FP32 [1, features] "
-        f"as `raw_input_contents` (MLServer 1.x accepts raw contents and answers raw), one gRPC channel, "
+        f"as `raw_input_contents` (MLServer 1.x accepts raw contents and answers raw), one connection "
+        "(`loadtest.wire`: gRPC written onto HTTP/2, about half grpc.aio's client CPU per call), "
         f"{s['warmup_s']:g} s warm-up + {s['duration_s']:g} s window, {s['rounds']} round(s) per case, the "
         "servers back to back, their order reversing each round; every server's answers checked against onnxruntime "
         "first. *MLServer unbatched* is the same MLServer configuration with `max_batch_size: 0`, running at the "

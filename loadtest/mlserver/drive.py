@@ -1,8 +1,9 @@
 """A small closed-loop gRPC load generator that drives any Open Inference Protocol server the same way.
 
-N workers on one ``grpc.aio`` channel each send unary ``ModelInfer`` back to back for a fixed time. The request
-is serialized **once** (``raw_input_contents``, FP32) and sent as bytes, and responses come back as bytes: the
-generator spends no time in protobuf per call, so more of the two cores is left to the server it measures. One
+N workers on one connection each send unary ``ModelInfer`` back to back for a fixed time. The request is
+serialized **once** (``raw_input_contents``, FP32) and sent as bytes, and replies are not parsed: the generator
+spends no time in protobuf per call, and with its default client, :mod:`loadtest.wire` (``--client grpcio`` for
+``grpc.aio``), about half grpcio's CPU per call, so more of the two cores is left to the server it measures. One
 response per run is parsed and checked (output name, shape, size). Counted: calls that completed inside the
 measurement window (after a warm-up), their latencies (send to answer, µs), errors by status code, and the
 generator's own CPU time per request.
@@ -20,13 +21,14 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import grpc
 import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
+from loadtest import wire
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -95,12 +97,13 @@ async def drive(
     rows: int = 1,
     timeout_s: float = 10.0,
     expect_shape: tuple[int, ...] | None = None,
+    client: str = "wire",
 ) -> Result:
     """Closed loop: ``concurrency`` workers, each with one call in flight, for warm-up + ``duration_s`` seconds."""
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout_s)
-        call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
-        first = bytes(await call(payload, timeout=timeout_s))
+    async with _caller(client, target, timeout_s) as call:
+        first = await call(payload, True)
+        if not isinstance(first, bytes):
+            raise ValueError(f"{target} {model}: the first call failed with {first}")
         out = decode_output(first)
         if expect_shape is not None and out.shape != expect_shape:
             raise ValueError(f"{target} {model}: output shape {out.shape}, expected {expect_shape}")
@@ -112,11 +115,10 @@ async def drive(
 
         async def worker(mine: list[int]) -> None:
             while (sent := clock()) < end:
-                try:
-                    await call(payload, timeout=timeout_s)
-                except grpc.aio.AioRpcError as e:
+                failure = await call(payload, False)
+                if failure is not None:
                     if start <= clock() <= end:
-                        errors[e.code().name] += 1
+                        errors[str(failure)] += 1
                     continue
                 done = clock()
                 if start <= done <= end:
@@ -152,17 +154,61 @@ async def drive(
     )
 
 
+Caller = Callable[[bytes, bool], Awaitable[bytes | str | None]]
+"""(request, want the reply) -> the reply bytes (when wanted) or None on success, else the status name."""
+
+
+@contextlib.asynccontextmanager
+async def _caller(client: str, target: str, timeout_s: float) -> AsyncIterator[Caller]:
+    if client == "wire":
+        conn = await wire.open_connection(target, timeout_s)
+        try:
+
+            async def call_wire(payload: bytes, reply: bool) -> bytes | str | None:
+                replies: list[bytes] = []
+                status = await conn.unary(INFER, payload, timeout_s, replies.append if reply else None)
+                if status != "OK":
+                    return status
+                return replies[0] if reply else None
+
+            yield call_wire
+        finally:
+            conn.close()
+        return
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        method = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
+
+        async def call_grpcio(payload: bytes, reply: bool) -> bytes | str | None:
+            try:
+                answer = await method(payload, timeout=timeout_s)
+            except grpc.aio.AioRpcError as e:
+                return str(e.code().name)
+            return bytes(answer) if reply else None
+
+        yield call_grpcio
+
+
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
 def run(
-    target: str, model: str, features: int, *, concurrency: int, duration_s: float, warmup_s: float = 1.0
+    target: str,
+    model: str,
+    features: int,
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+    client: str = "wire",
 ) -> Result:
     """Synchronous wrapper: one measurement in a fresh event loop (uvloop when installed, as the servers use)."""
     payload, _ = request_bytes(model, features)
-    coro = drive(target, model, payload, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s)
+    coro = drive(
+        target, model, payload, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, client=client
+    )
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -178,11 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-d", "--duration", type=float, default=5.0, help="measurement window, seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window")
+    parser.add_argument("--client", choices=("wire", "grpcio"), default="wire", help="loadtest.wire or grpc.aio")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 600 or not 0 < args.concurrency <= 4096:
         parser.error("duration must be in (0, 600] s and concurrency in 1..4096")
     result = run(args.target, args.model, args.features, concurrency=args.concurrency, duration_s=args.duration,
-                 warmup_s=args.warmup)  # fmt: skip
+                 warmup_s=args.warmup, client=args.client)  # fmt: skip
     print(json.dumps(asdict(result), indent=2))
     return 0
 

@@ -111,3 +111,23 @@ def test_an_unknown_model_is_refused_before_any_load(address: str, tmp_path: Pat
     assert status == 2
     assert "NOT_FOUND" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("client", ["wire", "grpcio"])
+def test_both_clients_answer_and_count_refusals_by_status(address: str, tmp_path: Path, client: str) -> None:
+    """Unary and stream mode through each client; then requests of the wrong shape, which the server refuses with
+    INVALID_ARGUMENT: counted as such, not lost."""
+    for mode in ("unary", "stream"):
+        status, report = loadtest(address, tmp_path / mode, "--client", client, "--mode", mode, "--concurrency", "2",
+                                  "--processes", "1")  # fmt: skip
+        assert status == 0
+        (step,) = report["steps"]
+        assert step["ok"] > 0 and step["errors"] == {} and report["settings"]["client"] == client
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"data": [{"input": {"content": [1.0, 2.0, 3.0], "shape": [1, 3]}}]}))
+    for mode in ("unary", "stream"):
+        status, report = loadtest(address, tmp_path / f"wrong-{mode}", "--client", client, "--mode", mode,
+                                  "--concurrency", "2", "--processes", "1", "--inputs", str(wrong))  # fmt: skip
+        (step,) = report["steps"]
+        assert step["ok"] == 0 and set(step["errors"]) == {"INVALID_ARGUMENT"}
+        assert step["errors"]["INVALID_ARGUMENT"] > 0

@@ -154,3 +154,12 @@ def test_stage_times_are_per_request_for_the_queue_and_per_execution_for_compute
     assert us == pytest.approx({"success": 500, "queue": 100, "compute_input": 10, "compute_infer": 300,
                                 "compute_output": 20, "rows_per_execution": 2, "loop_rest": 70})  # fmt: skip
     assert bench.stage_times(after, after) is None
+
+
+def test_the_combined_ceiling_takes_both_figures_in_rows() -> None:
+    """perf_analyzer at ``-b 16`` reported 39,238 infer/s for the echo server (2,452 requests/s: rows already) and
+    raw onnxruntime ran 31,808 rows/s: B is 17,567 rows/s, not the 30,274 that counting the rows twice gave."""
+    from loadtest.bench_batching import combined_ceiling
+
+    assert combined_ceiling(39_238, 31_808) == pytest.approx(17_567, rel=1e-3)
+    assert combined_ceiling(1_000, 1e12) == pytest.approx(1_000)  # a free model: the echo's own rate
