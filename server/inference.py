@@ -192,7 +192,8 @@ def trace_stages(
 ) -> None:
     """Record the stages of one request where time was spent as children of its span (``times``: perf_counter_ns
     at start, decoded, encoding, done), and its model attributes on it. A request that did not wait in the queue
-    gets no queue-wait span."""
+    gets no queue-wait span, and one that ran alone on a model without preprocessing kernels no preprocess span
+    (no concatenation, no kernels: no time was spent there)."""
     start, decoded, encoding, done = times
     parent = span.context
     attributes = span.attributes
@@ -207,7 +208,8 @@ def trace_stages(
         attributes["ferry.batch_id"] = batch.batch_id
         if queued:
             tracing.stage("queue wait", decoded, batch.started_ns, parent)
-        tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns, parent)
+        if model.pipeline is not None or batch.requests > 1:  # else there was nothing to prepare: no stage
+            tracing.stage("preprocess", batch.started_ns, batch.preprocessed_ns, parent)
         tracing.stage("model run", batch.preprocessed_ns, batch.computed_ns, parent)
     tracing.stage("encode", encoding, done, parent)
 

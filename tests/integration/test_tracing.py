@@ -77,10 +77,11 @@ def test_rpc_span_continues_the_callers_trace_with_stage_children(
     assert rpc.attributes["rpc.grpc.status_code"] == 0
     assert rpc.attributes["ferry.model"] == "mlp" and rpc.attributes["ferry.model_version"] == 1
     assert len(str(rpc.attributes["ferry.model_sha256"])) == 64
-    for stage in ("decode", "queue wait", "preprocess", "model run", "encode"):
+    for stage in ("decode", "queue wait", "model run", "encode"):
         children = children_of(by_name(spans, stage), rpc)
         assert len(children) == 1, stage
         assert children[0].start_time <= children[0].end_time  # type: ignore[operator]
+    assert not by_name(spans, "preprocess")  # it ran alone and mlp has no kernels: no time went there
     (batch,) = by_name(spans, "batch")
     assert batch.attributes is not None and batch.attributes["ferry.batch_id"] == rpc.attributes["ferry.batch_id"]
     assert [link.context.span_id for link in batch.links] == [rpc.context.span_id]
@@ -110,6 +111,8 @@ def test_one_batch_span_links_every_request_it_served(traced: tuple[BackgroundSe
             r for r in requests if r.attributes and r.attributes["ferry.batch_id"] == batch.attributes["ferry.batch_id"]
         ]
         assert len(served) == batch.attributes["ferry.batch_requests"] == len(batch.links)
+        for request in served:  # inputs concatenated for a batch of several: a preprocess stage under each
+            assert len(by_name(children_of(spans, request), "preprocess")) == (len(served) > 1)
 
 
 def test_failed_rpc_span_records_its_status(traced: tuple[BackgroundServer, InMemorySpanExporter]) -> None:
@@ -138,7 +141,7 @@ def test_stream_requests_get_spans_under_the_stream(traced: tuple[BackgroundServ
     assert len(children) == 3
     for request in children:  # each request's stages are children of its own span
         assert request.attributes is not None and request.attributes["ferry.model"] == "mlp"
-        assert {"decode", "preprocess", "model run", "encode"} <= {s.name for s in children_of(spans, request)}
+        assert {"decode", "model run", "encode"} <= {s.name for s in children_of(spans, request)}
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -180,6 +183,7 @@ def test_spans_reach_an_otlp_receiver_over_grpc(example_repo: Path) -> None:
         names: set[str] = set()
         services: set[str] = set()
         trace_ids: set[str] = set()
+        received = []
         while not receiver.requests.empty():
             for resource_spans in receiver.requests.get().resource_spans:
                 for attribute in resource_spans.resource.attributes:
@@ -189,9 +193,19 @@ def test_spans_reach_an_otlp_receiver_over_grpc(example_repo: Path) -> None:
                     for span in scope_spans.spans:
                         names.add(span.name)
                         trace_ids.add(span.trace_id.hex())
+                        received.append(span)
         assert "inference.GRPCInferenceService/ModelInfer" in names and {"decode", "model run", "batch"} <= names
         assert services == {"ferry-under-test"}
         assert TRACE_ID in trace_ids
+        # what the hand-written OTLP encoding carried: kind, parentage, attributes, links
+        (rpc,) = [s for s in received if s.name == "inference.GRPCInferenceService/ModelInfer"]
+        attributes = {a.key: a.value for a in rpc.attributes}
+        assert rpc.kind == rpc.SPAN_KIND_SERVER and rpc.parent_span_id.hex() == PARENT_ID
+        assert attributes["ferry.model"].string_value == "tiny" and attributes["ferry.model_version"].int_value == 1
+        (decode,) = [s for s in received if s.name == "decode"]
+        assert decode.parent_span_id == rpc.span_id and decode.end_time_unix_nano >= decode.start_time_unix_nano
+        (batch,) = [s for s in received if s.name == "batch"]
+        assert [link.span_id for link in batch.links] == [rpc.span_id]
     finally:
         collector.stop(0)
 
@@ -227,7 +241,7 @@ def test_the_providers_sampler_decides_and_unsampled_requests_record_nothing(exa
             assert 60 <= len(rpcs) <= 140  # about half of 200 (binomial: 5 standard deviations either side)
             for rpc in rpcs:  # a sampled request records its stages too; an unsampled one records nothing at all
                 stages = children_of(exporter.get_finished_spans(), rpc)
-                assert {s.name for s in stages} == {"decode", "preprocess", "model run", "encode"}
+                assert {s.name for s in stages} == {"decode", "model run", "encode"}
             exporter.clear()
             stub.ModelInfer(request_for("tiny", {"input": x}), metadata=[("traceparent", unsampled_parent)])
         assert exporter.get_finished_spans() == ()  # the caller did not sample this trace: parent-based says no
