@@ -165,6 +165,12 @@ def echo_command(models: Path, model: str) -> list[str]:
             "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
 
 
+def h2echo_command(models: Path, model: str) -> list[str]:
+    """The echo server's answers over HTTP/2 written by hand (``loadtest/h2echo.py``): what grpcio costs."""
+    return [sys.executable, "-m", "loadtest.h2echo", "--model-repository", str(models), "--model", model,
+            "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process, all threads (Linux /proc), or None where unreadable."""
     try:

@@ -49,9 +49,9 @@ DECODED_BLOCKS = 256
 SWEEP_S = 0.05
 """How often calls past their deadline are looked for."""
 
-_FRAME = struct.Struct(">BHBBI")  # length (24 bits: high byte, low 16), type, flags, stream id
-_SETTING = struct.Struct(">HI")
-_U32 = struct.Struct(">I")
+FRAME_HEADER = struct.Struct(">BHBBI")  # length (24 bits: high byte, low 16), type, flags, stream id
+SETTING = struct.Struct(">HI")
+U32 = struct.Struct(">I")
 
 # gRPC's status codes by number (the names grpc.StatusCode uses), and HTTP/2 error codes mapped to them
 STATUS_NAMES = (
@@ -72,7 +72,7 @@ _HTTP_STATUS = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSI
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     n = len(payload)
-    return _FRAME.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
+    return FRAME_HEADER.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
@@ -89,7 +89,7 @@ def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
-def _literal(name: bytes | int, value: bytes) -> bytes:
+def literal(name: bytes | int, value: bytes) -> bytes:
     """A literal header field without indexing (RFC 7541 §6.2.2); ``name`` a static-table index or a new name."""
     head = _hpack_int(name, 4) if isinstance(name, int) else b"\x00" + _hpack_int(len(name), 7) + name
     return head + _hpack_int(len(value), 7) + value
@@ -108,14 +108,14 @@ def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes
     """The HPACK block of a gRPC request; it never changes the server's decoding state, so it is reused as is."""
     block = (
         b"\x83\x86"  # :method POST, :scheme http (static table 3 and 6)
-        + _literal(4, path.encode())  # :path
-        + _literal(1, authority.encode())  # :authority
-        + _literal(b"content-type", b"application/grpc")
-        + _literal(b"te", b"trailers")
-        + _literal(b"user-agent", b"ferry-loadtest")
+        + literal(4, path.encode())  # :path
+        + literal(1, authority.encode())  # :authority
+        + literal(b"content-type", b"application/grpc")
+        + literal(b"te", b"trailers")
+        + literal(b"user-agent", b"ferry-loadtest")
     )
     if timeout_s is not None:
-        block += _literal(b"grpc-timeout", grpc_timeout(timeout_s))
+        block += literal(b"grpc-timeout", grpc_timeout(timeout_s))
     return block
 
 
@@ -198,7 +198,7 @@ class Connection(asyncio.Protocol):
         """One unary call; returns its status name (``"OK"`` on success). The reply is read only for ``on_reply``. A
         call the server refused before looking at it (RST_STREAM REFUSED_STREAM: over its stream limit) is sent
         again once another call ends, as gRPC's own clients do."""
-        data = b"\x00" + _U32.pack(len(message)) + message
+        data = b"\x00" + U32.pack(len(message)) + message
         for _ in range(REFUSED_RETRIES):
             stream = await self._start(path, timeout_s, on_reply, data)
             status = await stream.done
@@ -292,7 +292,7 @@ class Connection(asyncio.Protocol):
     def cancel(self, stream: _Stream, status: str = "CANCELLED") -> None:
         """Abandon a call: RST_STREAM(CANCEL) to the server, ``status`` to whoever waits on it."""
         if stream.id in self.streams and self.transport is not None:
-            self.transport.write(frame(RST_STREAM, 0, stream.id, _U32.pack(8)))
+            self.transport.write(frame(RST_STREAM, 0, stream.id, U32.pack(8)))
         self._end(stream, status, "cancelled by the client")
 
     def _end(self, stream: _Stream, status: str, message: str = "") -> None:
@@ -313,7 +313,7 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.write(frame(GOAWAY, 0, 0, _U32.pack(0) + _U32.pack(0)))
+            self.transport.write(frame(GOAWAY, 0, 0, U32.pack(0) + U32.pack(0)))
             self.transport.close()
         self._lost("the client closed the connection")
 
@@ -321,9 +321,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        ours = (_SETTING.pack(HEADER_TABLE_SIZE, 0) + _SETTING.pack(ENABLE_PUSH, 0)
-                + _SETTING.pack(INITIAL_WINDOW_SIZE, self.receive_window))  # fmt: skip
-        grow = frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.receive_window - DEFAULT_WINDOW))
+        ours = (SETTING.pack(HEADER_TABLE_SIZE, 0) + SETTING.pack(ENABLE_PUSH, 0)
+                + SETTING.pack(INITIAL_WINDOW_SIZE, self.receive_window))  # fmt: skip
+        grow = frame(WINDOW_UPDATE, 0, 0, U32.pack(self.receive_window - DEFAULT_WINDOW))
         transport.write(PREFACE + frame(SETTINGS, 0, 0, ours) + grow)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -347,7 +347,7 @@ class Connection(asyncio.Protocol):
         pos, size = 0, len(buf)
         try:
             while size - pos >= 9:
-                high, low, kind, flags, stream_id = _FRAME.unpack_from(buf, pos)
+                high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
                 length = high << 16 | low
                 end = pos + 9 + length
                 if end > size:
@@ -366,7 +366,7 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             stream = self.streams.get(stream_id)
             if stream is not None:
-                code = _U32.unpack(payload[:4])[0]
+                code = U32.unpack(payload[:4])[0]
                 stream.refused = code == REFUSED_STREAM
                 reason = f"stream reset by the server (HTTP/2 error {code})"
                 self._end(stream, _RESET_STATUS.get(code, "INTERNAL"), reason)
@@ -374,7 +374,7 @@ class Connection(asyncio.Protocol):
             if not flags & ACK:
                 self._settings(payload)
         elif kind == WINDOW_UPDATE:
-            grow = _U32.unpack(payload[:4])[0] & 0x7FFFFFFF
+            grow = U32.unpack(payload[:4])[0] & 0x7FFFFFFF
             if stream_id == 0:
                 self.send_window += grow
             elif (stream := self.streams.get(stream_id)) is not None:
@@ -396,7 +396,7 @@ class Connection(asyncio.Protocol):
 
     def _settings(self, payload: bytes) -> None:
         for offset in range(0, len(payload) - len(payload) % 6, 6):
-            key, value = _SETTING.unpack_from(payload, offset)
+            key, value = SETTING.unpack_from(payload, offset)
             if key == MAX_CONCURRENT_STREAMS:
                 self.max_streams = value
                 self.slot_free.set()
@@ -420,20 +420,20 @@ class Connection(asyncio.Protocol):
             payload = payload[1 : len(payload) - payload[0]]
         self.unacked += counted
         if self.unacked >= self.receive_window // 2 and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.unacked)))
+            self.transport.write(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.unacked)))
             self.unacked = 0
         stream = self.streams.get(stream_id)
         if stream is None:
             return
         stream.unacked += counted
         if stream.unacked >= self.receive_window // 2 and not flags & END_STREAM and self.transport is not None:
-            self.transport.write(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked)))
+            self.transport.write(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.unacked)))
             stream.unacked = 0
         if stream.on_message is not None:
             buf = stream.buffer
             buf += payload
             while len(buf) >= 5:
-                size = _U32.unpack_from(buf, 1)[0]
+                size = U32.unpack_from(buf, 1)[0]
                 if len(buf) < 5 + size:
                     break
                 message = bytes(buf[5 : 5 + size])
@@ -523,7 +523,7 @@ class Call:
         """Queue one message (never waits: flow control holds what the server's window cannot take yet)."""
         if self._stream.done.done():
             raise CallError(self._stream.done.result(), self._stream.message or "the stream has ended")
-        self._conn._send(self._stream, b"\x00" + _U32.pack(len(message)) + message, end=False)
+        self._conn._send(self._stream, b"\x00" + U32.pack(len(message)) + message, end=False)
 
     def done_writing(self) -> None:
         self._conn.end_stream(self._stream)

@@ -27,11 +27,16 @@ def test_raw_ort_rejects_a_bad_batch(example_repo: Path) -> None:
         raw_ort.rows_per_second(example_repo / "tiny" / "1" / "model.onnx", batch=0, seconds=0.05)
 
 
-@pytest.fixture(scope="module")
-def echo_server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[bench.Running]:
-    """The echo server for ``tiny``, started the way the benchmark starts it (a subprocess, its ready line)."""
+@pytest.fixture(scope="module", params=["grpc.aio", "h2echo"])
+def echo_server(
+    example_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[bench.Running]:
+    """The echo server for ``tiny``, started the way the benchmark starts it (a subprocess, its ready line): the
+    grpc.aio one, and the same answers over hand-written HTTP/2 (``loadtest/h2echo.py``), which must answer
+    grpcio's client alike."""
     log_path = tmp_path_factory.mktemp("echo") / "echo.log"
-    command = bench.echo_command(example_repo, "tiny")
+    make = bench.echo_command if request.param == "grpc.aio" else bench.h2echo_command
+    command = make(example_repo, "tiny")
     with log_path.open("w") as log, bench.serving("echo", command, "echo ready:", log) as server:
         assert server.address.startswith("127.0.0.1:")
         yield server

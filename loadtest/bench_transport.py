@@ -1,0 +1,105 @@
+"""What grpcio costs: the bare echo server on grpc.aio (``loadtest/echo.py``, the ceiling E the batching benchmarks
+divide Ferry by) against the same answers over HTTP/2 written by hand (``loadtest/h2echo.py``), with Ferry itself
+alongside, all under perf_analyzer on ``tiny``: unary at concurrency 1 and 16, streaming at 16.
+
+    python -m loadtest.bench_transport --models examples/models --out bench-out [--doc BENCHMARKS.md] [--rounds 2]
+
+The three servers run side by side in their own processes and take turns, the order rotating by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench import Settings, echo_command, ferry_command, h2echo_command, machine, replace_section, serving
+from loadtest.bench_batching import BATCHED, build_repository, run
+
+START, END = "<!-- bench:transport:start -->", "<!-- bench:transport:end -->"
+CASES = (("unary", 1), ("unary", 16), ("stream", 16))
+SERVERS = ("echo", "h2echo", "ferry")
+
+
+def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str, Any]:
+    repo = build_repository(models, work / "on", BATCHED)
+    out: dict[str, Any] = {}
+    with (
+        serving("echo", echo_command(repo, "tiny"), "echo ready:", log) as echo,
+        serving("h2echo", h2echo_command(repo, "tiny"), "echo ready:", log) as h2echo,
+        serving("ferry", ferry_command(repo), "ferry ready:", log) as ferry,
+    ):
+        servers = [echo, h2echo, ferry]
+        for mode, concurrency in CASES:
+            runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+            for r in range(settings.rounds):
+                for server in servers[r % 3 :] + servers[: r % 3]:
+                    runs[server.name].append(run(server, "tiny", concurrency, settings, streaming=mode == "stream"))
+            out[f"{mode}-{concurrency}"] = {
+                name: {k: statistics.fmean(x[k] for x in rs) for k in ("infer_per_s", "p50_us", "p99_us")}
+                | {"per_round": [x["infer_per_s"] for x in rs]}
+                for name, rs in runs.items()
+            }
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    m, s = results["machine"], results["settings"]
+    lines = [
+        f"Measured {results['date']} on {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}.",
+        "",
+        f"Command: `{results['command']}` ({results['duration_s']:.0f} s). perf_analyzer on `tiny`, windows of "
+        f"{s['measurement_ms']} ms x {s['trials']}, {s['rounds']} round(s), the three servers taking turns in "
+        "rotating order. *E* is the bare grpc.aio echo server, *H* the same answers over hand-written HTTP/2 "
+        "(`loadtest/h2echo.py`), *Ferry* the real server (`dynamic_batching { }`).",
+        "",
+        "| case | E req/s | H req/s | Ferry req/s | H ÷ E | Ferry ÷ E | p50 µs E / H / Ferry |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for mode, concurrency in CASES:
+        c = results["runs"][f"{mode}-{concurrency}"]
+        e, h, f = (c[n] for n in SERVERS)
+        lines.append(
+            f"| {mode}, c{concurrency} | {e['infer_per_s']:,.0f} | {h['infer_per_s']:,.0f} | {f['infer_per_s']:,.0f} "
+            f"| **{h['infer_per_s'] / e['infer_per_s']:.2f}** | {f['infer_per_s'] / e['infer_per_s']:.2f} "
+            f"| {e['p50_us']:,.0f} / {h['p50_us']:,.0f} / {f['p50_us']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_transport", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, default=Path("examples/models"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--doc", type=Path, help="rewrite this file's bench:transport section")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    settings = Settings(rounds=args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with (args.out / "servers-transport.log").open("w") as log, tempfile.TemporaryDirectory() as work:
+        runs = measure(args.models, Path(work), settings, log)
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "command": "python -m loadtest.bench_transport " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {"measurement_ms": settings.measurement_ms, "trials": settings.trials, "rounds": settings.rounds},
+        "duration_s": time.monotonic() - started,
+        "runs": runs,
+    }
+    (args.out / "results-transport.json").write_text(json.dumps(results, indent=2) + "\n")
+    body = render(results)
+    print(body)
+    if args.doc is not None:
+        text = args.doc.read_text() if args.doc.exists() else ""
+        args.doc.write_text(replace_section(text, body, START, END))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
