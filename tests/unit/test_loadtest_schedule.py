@@ -121,7 +121,7 @@ def test_open_loop_charges_latency_from_the_intended_send_time(
     rate, stall_s = 100.0, 0.3
 
     async def main() -> generator.Tally:
-        worker = Worker(address, build(model, (1,)), 0, 1, 0, lambda *a: None)
+        worker = Worker(generator.make_client("wire", address), build(model, (1,)), 0, 1, 0, lambda *a: None)
         await worker.ready(10)
         plan = StepPlan(index=0, loop="open", mode="unary", start_wall=time.time() + 0.05, warmup_s=0.0,
                         duration_s=1.0, timeout_s=5.0, max_requests=10_000, rate=rate)  # fmt: skip
@@ -135,7 +135,7 @@ def test_open_loop_charges_latency_from_the_intended_send_time(
         staller = asyncio.create_task(stall())
         tally = await worker.run(plan)
         await staller
-        await worker.channel.close()
+        await worker.client.close()
         return tally
 
     tally = asyncio.run(main())
