@@ -165,12 +165,18 @@ async def _serve(model: ModelVersion, host: str, port: int) -> None:
         await server.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.echo", description=__doc__.split("\n\n")[0])
+def echo_arguments(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line both echo servers take: the model to describe, where to listen."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model-repository", required=True, type=Path, help="model repository (Triton layout)")
     parser.add_argument("--model", required=True, help="the model whose metadata and output shapes to echo")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port, 0 = any free port")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = echo_arguments("python -m loadtest.echo", __doc__.split("\n\n")[0])
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     args = parser.parse_args(argv)
     model = load_version(args.model_repository, args.model)

@@ -19,7 +19,6 @@ metadata (deadlines, auth): it is an echo.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
@@ -31,7 +30,7 @@ import hpack
 
 from client._proto import grpc_service_pb2 as pb
 from loadtest import wire
-from loadtest.echo import EchoServicer, load_version
+from loadtest.echo import EchoServicer, echo_arguments, load_version
 from loadtest.wire import frame, literal
 from server.app import run
 
@@ -299,12 +298,7 @@ async def _serve(model_repository: Path, model: str, host: str, port: int) -> No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.h2echo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-repository", required=True, type=Path, help="model repository (Triton layout)")
-    parser.add_argument("--model", required=True, help="the model whose metadata and output shapes to echo")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="port, 0 = any free port")
-    args = parser.parse_args(argv)
+    args = echo_arguments("python -m loadtest.h2echo", __doc__.split("\n\n")[0]).parse_args(argv)
     run(_serve(args.model_repository, args.model, args.host, args.port), use_uvloop=True)
     return 0
 
