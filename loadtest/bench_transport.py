@@ -1,10 +1,12 @@
 """What grpcio costs: the bare echo server on grpc.aio (``loadtest/echo.py``, the ceiling E the batching benchmarks
-divide Ferry by) against the same answers over HTTP/2 written by hand (``loadtest/h2echo.py``), with Ferry itself
-alongside, all under perf_analyzer on ``tiny``: unary at concurrency 1 and 16, streaming at 16.
+divide Ferry by) against the same answers over HTTP/2 written by hand (``loadtest/h2echo.py``), and Ferry on grpc.aio
+against Ferry's own request path over that hand-written HTTP/2 (``loadtest/h2ferry.py``), all under perf_analyzer:
+``tiny`` unary at concurrency 1 and 16 and streaming at 16 (the hand-written Ferry does not stream), ``mlp`` unary at
+64.
 
     python -m loadtest.bench_transport --models examples/models --out bench-out [--doc BENCHMARKS.md] [--rounds 2]
 
-The three servers run side by side in their own processes and take turns, the order rotating by round.
+The servers run side by side in their own processes and take turns, the order rotating by round.
 """
 
 from __future__ import annotations
@@ -18,12 +20,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench import Settings, echo_command, ferry_command, h2echo_command, machine, replace_section, serving
+from loadtest.bench import (
+    Settings,
+    check_answers,
+    echo_command,
+    ferry_command,
+    h2echo_command,
+    machine,
+    replace_section,
+    serving,
+)  # fmt: skip
 from loadtest.bench_batching import BATCHED, build_repository, run
 
+
+def h2ferry_command(models: Path) -> list[str]:
+    return [sys.executable, "-m", "loadtest.h2ferry", "--model-repository", str(models), "--host", "127.0.0.1",
+            "--port", "0"]  # fmt: skip
+
+
 START, END = "<!-- bench:transport:start -->", "<!-- bench:transport:end -->"
-CASES = (("unary", 1), ("unary", 16), ("stream", 16))
-SERVERS = ("echo", "h2echo", "ferry")
+CASES = (("tiny", "unary", 1), ("tiny", "unary", 16), ("tiny", "stream", 16), ("mlp", "unary", 64))
+SERVERS = ("echo", "h2echo", "ferry", "h2ferry")
 
 
 def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str, Any]:
@@ -33,14 +50,21 @@ def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str,
         serving("echo", echo_command(repo, "tiny"), "echo ready:", log) as echo,
         serving("h2echo", h2echo_command(repo, "tiny"), "echo ready:", log) as h2echo,
         serving("ferry", ferry_command(repo), "ferry ready:", log) as ferry,
+        serving("h2ferry", h2ferry_command(repo), "ferry ready:", log) as h2ferry,
     ):
-        servers = [echo, h2echo, ferry]
-        for mode, concurrency in CASES:
+        for server in (ferry, h2ferry):
+            for model in ("tiny", "mlp"):
+                check_answers(server, model)
+        for model, mode, concurrency in CASES:
+            servers = [echo, h2echo, ferry] + ([h2ferry] if mode == "unary" else [])
+            if model == "mlp":  # the echo servers describe tiny only
+                servers = [ferry, h2ferry]
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
             for r in range(settings.rounds):
-                for server in servers[r % 3 :] + servers[: r % 3]:
-                    runs[server.name].append(run(server, "tiny", concurrency, settings, streaming=mode == "stream"))
-            out[f"{mode}-{concurrency}"] = {
+                k = r % len(servers)
+                for server in servers[k:] + servers[:k]:
+                    runs[server.name].append(run(server, model, concurrency, settings, streaming=mode == "stream"))
+            out[f"{model}-{mode}-{concurrency}"] = {
                 name: {k: statistics.fmean(x[k] for x in rs) for k in ("infer_per_s", "p50_us", "p99_us")}
                 | {"per_round": [x["infer_per_s"] for x in rs]}
                 for name, rs in runs.items()
@@ -56,18 +80,29 @@ def render(results: dict[str, Any]) -> str:
         f"Command: `{results['command']}` ({results['duration_s']:.0f} s). perf_analyzer on `tiny`, windows of "
         f"{s['measurement_ms']} ms x {s['trials']}, {s['rounds']} round(s), the three servers taking turns in "
         "rotating order. *E* is the bare grpc.aio echo server, *H* the same answers over hand-written HTTP/2 "
-        "(`loadtest/h2echo.py`), *Ferry* the real server (`dynamic_batching { }`).",
+        "(`loadtest/h2echo.py`), *Ferry* the real server on grpc.aio (`dynamic_batching { }`), *Ferry-H* Ferry's "
+        "servicer and request path over the same hand-written HTTP/2 (`loadtest/h2ferry.py`, unary only).",
         "",
-        "| case | E req/s | H req/s | Ferry req/s | H ÷ E | Ferry ÷ E | p50 µs E / H / Ferry |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| case | E req/s | H req/s | Ferry req/s | Ferry-H req/s | H ÷ E | Ferry ÷ E | Ferry-H ÷ Ferry "
+        "| p50 µs E / H / Ferry / Ferry-H |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for mode, concurrency in CASES:
-        c = results["runs"][f"{mode}-{concurrency}"]
-        e, h, f = (c[n] for n in SERVERS)
+
+    def figure(case: dict[str, Any], name: str, key: str = "infer_per_s") -> str:
+        return f"{case[name][key]:,.0f}" if name in case else "-"
+
+    def ratio(case: dict[str, Any], top: str, bottom: str) -> str:
+        if top not in case or bottom not in case:
+            return "-"
+        return f"{case[top]['infer_per_s'] / case[bottom]['infer_per_s']:.2f}"
+
+    for model, mode, concurrency in CASES:
+        c = results["runs"][f"{model}-{mode}-{concurrency}"]
+        rates = " | ".join(figure(c, n) for n in SERVERS)
+        p50 = " / ".join(figure(c, n, "p50_us") for n in SERVERS)
         lines.append(
-            f"| {mode}, c{concurrency} | {e['infer_per_s']:,.0f} | {h['infer_per_s']:,.0f} | {f['infer_per_s']:,.0f} "
-            f"| **{h['infer_per_s'] / e['infer_per_s']:.2f}** | {f['infer_per_s'] / e['infer_per_s']:.2f} "
-            f"| {e['p50_us']:,.0f} / {h['p50_us']:,.0f} / {f['p50_us']:,.0f} |"
+            f"| {model} {mode}, c{concurrency} | {rates} | **{ratio(c, 'h2echo', 'echo')}** "
+            f"| {ratio(c, 'ferry', 'echo')} | **{ratio(c, 'h2ferry', 'ferry')}** | {p50} |"
         )
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ import asyncio
 import signal
 import sys
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import hpack
@@ -40,9 +40,14 @@ REPLY_HEADERS = b"\x88" + literal(31, b"application/grpc")  # :status 200 (stati
 OK = literal(b"grpc-status", b"0")
 UNIMPLEMENTED = literal(b"grpc-status", b"12")
 SERVICE = b"/inference.GRPCInferenceService/"
+STREAM = SERVICE + b"ModelStreamInfer"
 
 
-def answers(servicer: EchoServicer) -> dict[bytes, Callable[[bytes], bytes]]:
+Answer = Callable[[bytes], "bytes | Awaitable[bytes]"]
+"""Request bytes -> reply bytes, or an awaitable of them; raises :class:`loadtest.wire.CallError` for a status."""
+
+
+def answers(servicer: EchoServicer) -> dict[bytes, Answer]:
     """Unary method path -> (request bytes -> reply bytes), from the echo servicer's prepared answers. An answer
     raises :class:`loadtest.wire.CallError` for a status other than OK (a model it does not describe)."""
     metadata, config, name = (
@@ -86,8 +91,11 @@ class _Stream:
 
 
 class Connection(asyncio.Protocol):
-    def __init__(self, servicer: EchoServicer, unary: dict[bytes, Callable[[bytes], bytes]]) -> None:
-        self.servicer = servicer
+    """One client connection: ``unary`` answers by method path; ``stream`` answers each ``ModelStreamInfer`` message
+    (None: that method is UNIMPLEMENTED)."""
+
+    def __init__(self, unary: dict[bytes, Answer], stream: Callable[[bytes], bytes] | None = None) -> None:
+        self.stream_answer = stream
         self.unary = unary
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -152,7 +160,7 @@ class Connection(asyncio.Protocol):
             if len(stream.body) + len(payload) >= RECEIVE_WINDOW // 2:  # a long stream: give its window back
                 out.append(frame(wire.WINDOW_UPDATE, 0, stream_id, wire.U32.pack(RECEIVE_WINDOW // 2)))
             stream.body += payload
-            if stream.path == SERVICE + b"ModelStreamInfer":
+            if stream.path == STREAM and self.stream_answer is not None:
                 self._stream_messages(stream_id, stream, out)
             if flags & wire.END_STREAM:
                 self._finish(stream_id, stream, out)
@@ -220,7 +228,7 @@ class Connection(asyncio.Protocol):
                 break
             message = bytes(body[5 : 5 + size])
             del body[: 5 + size]
-            reply = _stream_answer(self.servicer, message)
+            reply = self.stream_answer(message)  # type: ignore[misc]  # only called when set
             replies.append(b"\x00" + wire.U32.pack(len(reply)) + reply)
         if replies:
             self._open(stream_id, stream, out)
@@ -232,7 +240,7 @@ class Connection(asyncio.Protocol):
             out.append(frame(wire.HEADERS, wire.END_HEADERS, stream_id, REPLY_HEADERS))
 
     def _finish(self, stream_id: int, stream: _Stream, out: list[bytes]) -> None:
-        if stream.path == SERVICE + b"ModelStreamInfer":
+        if stream.path == STREAM and self.stream_answer is not None:
             self._open(stream_id, stream, out)
             self._send(stream_id, stream, b"", out, end=True)
             return
@@ -245,16 +253,39 @@ class Connection(asyncio.Protocol):
             return
         try:
             reply = answer(bytes(stream.body[5:]))
-        except wire.CallError as err:  # Trailers-Only: the status and its message, no body
-            del self.streams[stream_id]
-            status = literal(b"grpc-status", str(wire.STATUS_NAMES.index(err.code)).encode())
-            message = literal(b"grpc-message", urllib.parse.quote(err.message, safe=" ").encode())
-            out.append(
-                frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, stream_id, REPLY_HEADERS + status + message)
-            )
+        except wire.CallError as err:
+            self._fail(stream_id, err, out)
             return
+        if isinstance(reply, bytes):
+            self._reply(stream_id, stream, reply, out)
+            return
+        task = asyncio.ensure_future(reply)
+        task.add_done_callback(lambda done: self._answered(stream_id, stream, done))
+
+    def _answered(self, stream_id: int, stream: _Stream, task: asyncio.Future[bytes]) -> None:
+        out: list[bytes] = []
+        if stream_id not in self.streams:  # reset by the client meanwhile
+            return
+        if task.cancelled():
+            self._fail(stream_id, wire.CallError("CANCELLED", "the call was cancelled"), out)
+        elif (err := task.exception()) is not None:
+            failure = err if isinstance(err, wire.CallError) else wire.CallError("INTERNAL", f"{type(err).__name__}")
+            self._fail(stream_id, failure, out)
+        else:
+            self._reply(stream_id, stream, task.result(), out)
+        if self.transport is not None:
+            self.transport.write(b"".join(out))
+
+    def _reply(self, stream_id: int, stream: _Stream, reply: bytes, out: list[bytes]) -> None:
         self._open(stream_id, stream, out)
         self._send(stream_id, stream, b"\x00" + wire.U32.pack(len(reply)) + reply, out, end=True)
+
+    def _fail(self, stream_id: int, err: wire.CallError, out: list[bytes]) -> None:
+        """Trailers-Only: the status and its message, no body."""
+        del self.streams[stream_id]
+        status = literal(b"grpc-status", str(wire.STATUS_NAMES.index(err.code)).encode())
+        message = literal(b"grpc-message", urllib.parse.quote(err.message, safe=" ").encode())
+        out.append(frame(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, stream_id, REPLY_HEADERS + status + message))
 
     def _send(self, stream_id: int, stream: _Stream, data: bytes, out: list[bytes], end: bool) -> None:
         """DATA within the client's windows, then (``end``) the trailers; what does not fit waits for WINDOW_UPDATE."""
@@ -286,7 +317,7 @@ async def _serve(model_repository: Path, model: str, host: str, port: int) -> No
     servicer = EchoServicer(load_version(model_repository, model))
     unary = answers(servicer)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(servicer, unary), host, port)
+    server = await loop.create_server(lambda: Connection(unary, lambda m: _stream_answer(servicer, m)), host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
