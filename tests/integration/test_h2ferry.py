@@ -22,9 +22,12 @@ from tests.integration.test_rpcs import outputs_of, request_for
 def stub(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
     command = [sys.executable, "-m", "loadtest.h2ferry", "--model-repository", str(example_repo)]
     log_path = tmp_path_factory.mktemp("h2ferry") / "server.log"
-    with log_path.open("w") as log, bench.serving("h2ferry", command, "ferry ready:", log) as server:
-        with grpc.insecure_channel(server.address) as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    with (
+        log_path.open("w") as log,
+        bench.serving("h2ferry", command, "ferry ready:", log) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def test_answers_equal_onnxruntime_and_the_metadata_is_ferrys(
