@@ -113,6 +113,8 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
                 "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
         metrics_port = free_port()
         variants = {
+            # A/A: a second Ferry identical to the baseline: the bias of the pairing itself (divided out)
+            CONTROL: (plain, {}, ()),
             "tracing 100%": (plain, {**otlp, "OTEL_TRACES_SAMPLER": "always_on"}, ()),
             "tracing 10%": (
                 plain,
@@ -137,6 +139,9 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
     return out
 
 
+CONTROL = "control: nothing on"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -155,19 +160,28 @@ def render(results: dict[str, Any]) -> str:
         f"{results['settings']['rounds']} round(s), baseline and variant back to back in alternating order. "
         f"Spans received by the OTLP receiver: {r['spans_received']:,}.",
         "",
-        "| feature | model | baseline req/s | with it req/s | with ÷ without (per round) | loss |",
-        "|---|---|---:|---:|---:|---:|",
+        "| feature | model | baseline req/s | with it req/s | with ÷ without (per round) | loss | loss net of the "
+        "control |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    control = r.get(CONTROL, {})
     for label, models in r.items():
         if not isinstance(models, dict):
             continue
         for model, case in models.items():
             base, variant = case["baseline"], case["variant"]
             rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
+            net = "-"
+            if label != CONTROL and model in control:
+                net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
             lines.append(
                 f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
-                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% |"
+                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} |"
             )
+    if control:
+        lines += ["", f"*{CONTROL}* is a second Ferry with the baseline's exact configuration, measured the same way: "
+                  "what it loses is the pairing's own bias and noise, and *loss net of the control* divides it out "
+                  "(with ÷ without, over the control's with ÷ without)."]  # fmt: skip
     return "\n".join(lines)
 
 
