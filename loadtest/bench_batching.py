@@ -33,6 +33,7 @@ from loadtest.bench import (
     Running,
     Settings,
     check_answers,
+    cpu_seconds,
     echo_command,
     ferry_command,
     ferry_stats,
@@ -71,6 +72,7 @@ def run(
     """One perf_analyzer run; for Ferry also the mean batch it formed (rows per execution)."""
     is_ferry = server.name.startswith("ferry")
     before = ferry_stats(server.address, model) if is_ferry else None
+    cpu_before = cpu_seconds(server.pid)
     extra = [*settings.perf_extra(), *(["--input-data", "zero"] if zeros else [])]
     for attempt in range(3):  # on a busy machine perf_analyzer may still call 3 windows unstable: measure again
         try:
@@ -93,6 +95,9 @@ def run(
         after = ferry_stats(server.address, model)
         executions = after["executions"] - before["executions"]
         result["rows_per_execution"] = (after["rows"] - before["rows"]) / executions if executions else 0.0
+        cpu_after, requests = cpu_seconds(server.pid), after["count"] - before["count"]
+        if cpu_before is not None and cpu_after is not None and requests > 0:  # the whole run, warm-up included
+            result["cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / requests
     mode = "stream" if streaming else "unary"
     print(f"  {server.name:11} {model:4} {mode:6} c={concurrency:<3} b={rows:<3} {step.infer_per_s:9.1f} infer/s  "
           f"p50 {step.p50_us:7.0f} µs  p99 {step.p99_us:7.0f} µs", flush=True)  # fmt: skip

@@ -161,8 +161,8 @@ def render(results: dict[str, Any]) -> str:
         f"Spans received by the OTLP receiver: {r['spans_received']:,}.",
         "",
         "| feature | model | baseline req/s | with it req/s | with ÷ without (per round) | loss | loss net of the "
-        "control |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "control | server CPU µs/request without / with | CPU added |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     control = r.get(CONTROL, {})
     for label, models in r.items():
@@ -174,14 +174,21 @@ def render(results: dict[str, Any]) -> str:
             net = "-"
             if label != CONTROL and model in control:
                 net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
+            cpu, added = "-", "-"
+            if "cpu_us_per_request" in base and "cpu_us_per_request" in variant:
+                without, with_it = base["cpu_us_per_request"], variant["cpu_us_per_request"]
+                cpu, added = f"{without:,.0f} / {with_it:,.0f}", f"**{(with_it / without - 1) * 100:+.0f}%**"
             lines.append(
                 f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
-                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} |"
+                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} | {cpu} | {added} |"
             )
     if control:
         lines += ["", f"*{CONTROL}* is a second Ferry with the baseline's exact configuration, measured the same way: "
                   "what it loses is the pairing's own bias and noise, and *loss net of the control* divides it out "
-                  "(with ÷ without, over the control's with ÷ without)."]  # fmt: skip
+                  "(with ÷ without, over the control's with ÷ without). *Server CPU* is the server process's CPU "
+                  "time (all threads, from /proc) over each perf_analyzer run divided by the requests its "
+                  "`ModelStatistics` counted, averaged over rounds: on a CPU-bound server the throughput a feature "
+                  "costs, read with less of the scheduling noise that moves req/s."]  # fmt: skip
     return "\n".join(lines)
 
 
