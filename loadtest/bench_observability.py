@@ -108,7 +108,7 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
     plain = build_repository(models, work / "plain")
     logged = build_repository(models, work / "logged", LOGGED)
     out: dict[str, Any] = {}
-    with otlp_receiver() as (port, receiver), ferry("baseline", plain, log) as base:
+    with otlp_receiver() as (port, receiver), ferry("ferry-baseline", plain, log) as base:
         otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
         metrics_port = free_port()
@@ -125,7 +125,7 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
             "metrics scraped 1/s": (plain, {}, ("--http-port", str(metrics_port))),  # the last --http-port wins
         }
         for label, (repo, env, flags) in variants.items():
-            with ferry("variant", repo, log, env, *flags) as variant:
+            with ferry("ferry-variant", repo, log, env, *flags) as variant:
                 out[label] = {}
                 for model in ("mlp", "tiny"):
                     print(f"{label}, {model}:", flush=True)
@@ -169,7 +169,8 @@ def render(results: dict[str, Any]) -> str:
         if not isinstance(models, dict):
             continue
         for model, case in models.items():
-            base, variant = case["baseline"], case["variant"]
+            base = case.get("ferry-baseline") or case["baseline"]  # the names runs before 2026-11-26 23:20 used
+            variant = case.get("ferry-variant") or case["variant"]
             rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
             net = "-"
             if label != CONTROL and model in control:
