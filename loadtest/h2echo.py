@@ -26,8 +26,6 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-import hpack
-
 from client._proto import grpc_service_pb2 as pb
 from loadtest import wire
 from loadtest.echo import EchoServicer, echo_arguments, load_version
@@ -80,11 +78,12 @@ def _stream_answer(servicer: EchoServicer, message: bytes) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("body", "opened", "path", "pending", "window")
+    __slots__ = ("body", "opened", "path", "pending", "unacked", "window")
 
     def __init__(self, path: bytes, window: int) -> None:
         self.path = path
         self.body = bytearray()
+        self.unacked = 0  # received bytes not yet given back in a stream WINDOW_UPDATE
         self.window = window
         self.pending = bytearray()  # DATA payload waiting for window (then the trailers)
         self.opened = False  # the reply's HEADERS are out
@@ -100,10 +99,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.started = False
-        self.decoder = hpack.Decoder()
-        self.decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.headers = wire.HeaderBlocks()
         self.streams: dict[int, _Stream] = {}
-        self.block: tuple[int, int, bytearray] | None = None  # a header block waiting for CONTINUATION
         self.unacked = 0
         self.send_window = wire.DEFAULT_WINDOW
         self.peer_window = wire.DEFAULT_WINDOW
@@ -124,25 +121,17 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
         buf += data
-        pos = 0
+        start = 0
         if not self.started:
             if len(buf) < len(PREFACE):
                 return
             if buf[: len(PREFACE)] != PREFACE and self.transport is not None:
                 self.transport.close()
                 return
-            pos, self.started = len(PREFACE), True
+            start, self.started = len(PREFACE), True
         out: list[bytes] = []
-        size = len(buf)
-        while size - pos >= 9:
-            high, low, kind, flags, stream_id = wire.FRAME_HEADER.unpack_from(buf, pos)
-            end = pos + 9 + (high << 16 | low)
-            if end > size:
-                break
-            payload = bytes(buf[pos + 9 : end])
-            pos = end
-            self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload, out)
-        del buf[:pos]
+        for kind, flags, stream_id, payload in wire.frames(buf, start):
+            self._frame(kind, flags, stream_id, payload, out)
         if self.unacked >= RECEIVE_WINDOW // 2:
             out.append(frame(wire.WINDOW_UPDATE, 0, 0, wire.U32.pack(self.unacked)))
             self.unacked = 0
@@ -151,14 +140,17 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
         if kind == wire.DATA:
-            self.unacked += len(payload)
+            counted = len(payload)
+            self.unacked += counted
             if flags & wire.PADDED:
                 payload = payload[1 : len(payload) - payload[0]]
             stream = self.streams.get(stream_id)
             if stream is None:
                 return
-            if len(stream.body) + len(payload) >= RECEIVE_WINDOW // 2:  # a long stream: give its window back
-                out.append(frame(wire.WINDOW_UPDATE, 0, stream_id, wire.U32.pack(RECEIVE_WINDOW // 2)))
+            stream.unacked += counted
+            if stream.unacked >= RECEIVE_WINDOW // 2 and not flags & wire.END_STREAM:  # give the stream's window back
+                out.append(frame(wire.WINDOW_UPDATE, 0, stream_id, wire.U32.pack(stream.unacked)))
+                stream.unacked = 0
             stream.body += payload
             if stream.path == STREAM and self.stream_answer is not None:
                 self._stream_messages(stream_id, stream, out)
@@ -190,28 +182,10 @@ class Connection(asyncio.Protocol):
             self.blocked.pop(stream_id, None)
 
     def _headers(self, kind: int, flags: int, stream_id: int, payload: bytes, out: list[bytes]) -> None:
-        if kind == wire.HEADERS:
-            if flags & wire.PADDED:
-                payload = payload[1 : len(payload) - payload[0]]
-            if flags & wire.PRIORITY:
-                payload = payload[5:]
-            if not flags & wire.END_HEADERS:
-                self.block = (stream_id, flags, bytearray(payload))
-                return
-            block = payload
-        else:
-            if self.block is None:
-                return
-            self.block[2].extend(payload)
-            if not flags & wire.END_HEADERS:
-                return
-            stream_id, flags, pending = self.block
-            self.block, block = None, bytes(pending)
-        fields = self.decoded.get(block) if self.decoder.header_table.maxsize == 0 else None
-        if fields is None:
-            fields = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
-            if self.decoder.header_table.maxsize == 0 and len(self.decoded) < 256:
-                self.decoded[block] = fields
+        block = self.headers.feed(kind, flags, stream_id, payload)
+        if block is None:
+            return
+        stream_id, flags, fields = block
         if stream_id in self.streams:  # trailers from the client: ignored
             return
         path = next((bytes(v) for k, v in fields if k == b":path"), b"")
@@ -220,14 +194,8 @@ class Connection(asyncio.Protocol):
             self._finish(stream_id, stream, out)
 
     def _stream_messages(self, stream_id: int, stream: _Stream, out: list[bytes]) -> None:
-        body = stream.body
         replies = []
-        while len(body) >= 5:
-            size = wire.U32.unpack_from(body, 1)[0]
-            if len(body) < 5 + size:
-                break
-            message = bytes(body[5 : 5 + size])
-            del body[: 5 + size]
+        for message in wire.messages(stream.body):
             reply = self.stream_answer(message)  # type: ignore[misc]  # only called when set
             replies.append(b"\x00" + wire.U32.pack(len(reply)) + reply)
         if replies:
@@ -313,19 +281,24 @@ class Connection(asyncio.Protocol):
                 self.streams.pop(stream_id, None)
 
 
-async def _serve(model_repository: Path, model: str, host: str, port: int) -> None:
-    servicer = EchoServicer(load_version(model_repository, model))
-    unary = answers(servicer)
+async def listen(connection: Callable[[], Connection], host: str, port: int, ready: str) -> None:
+    """Serve connections on ``host:port`` until SIGINT or SIGTERM, after printing ``<ready>: grpc=HOST:PORT``."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(unary, lambda m: _stream_answer(servicer, m)), host, port)
+    server = await loop.create_server(connection, host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"echo ready: grpc={host}:{server.sockets[0].getsockname()[1]}", flush=True)
+    print(f"{ready}: grpc={host}:{server.sockets[0].getsockname()[1]}", flush=True)
     try:
         await stop.wait()
     finally:
         server.close()
+
+
+async def _serve(model_repository: Path, model: str, host: str, port: int) -> None:
+    servicer = EchoServicer(load_version(model_repository, model))
+    unary = answers(servicer)
+    await listen(lambda: Connection(unary, lambda m: _stream_answer(servicer, m)), host, port, "echo ready")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from google.protobuf.message import Message
 
 from client._proto import grpc_service_pb2 as pb
 from loadtest import wire
-from loadtest.h2echo import SERVICE, Answer, Connection
+from loadtest.h2echo import SERVICE, Answer, Connection, listen
 from server.app import run
 from server.cache import ResultCache
 from server.config import ServerConfig
@@ -77,16 +76,9 @@ async def _serve(model_repository: Path, host: str, port: int) -> None:
 
     servicer = InferenceServicer(repository, ResultCache(config.cache_max_bytes), lambda: True, unchanged)
     unary = ferry_answers(servicer)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(unary), host, port)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"ferry ready: grpc={host}:{server.sockets[0].getsockname()[1]}", flush=True)
     try:
-        await stop.wait()
+        await listen(lambda: Connection(unary), host, port, "ferry ready")
     finally:
-        server.close()
         for version in [v for m in repository.models() for v in m.versions.values()]:
             await version.close()
 

@@ -119,6 +119,81 @@ def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes
     return block
 
 
+def frames(buf: bytearray, start: int = 0) -> list[tuple[int, int, int, bytes]]:
+    """The complete frames in ``buf`` from ``start`` on, as (type, flags, stream id, payload), removed from it (with
+    whatever came before ``start``); an incomplete frame stays for the next read."""
+    out = []
+    pos, size = start, len(buf)
+    while size - pos >= 9:
+        high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
+        end = pos + 9 + (high << 16 | low)
+        if end > size:
+            break
+        out.append((kind, flags, stream_id & 0x7FFFFFFF, bytes(buf[pos + 9 : end])))
+        pos = end
+    del buf[:pos]
+    return out
+
+
+def messages(buf: bytearray) -> list[bytes]:
+    """The complete gRPC messages (a 5-byte prefix: compressed flag, length) at the front of ``buf``, removed from
+    it; a partial one stays."""
+    out = []
+    while len(buf) >= 5:
+        size = U32.unpack_from(buf, 1)[0]
+        if len(buf) < 5 + size:
+            break
+        out.append(bytes(buf[5 : 5 + size]))
+        del buf[: 5 + size]
+    return out
+
+
+class HeaderBlocks:
+    """Header blocks as frames carry them: a HEADERS frame (padding and priority stripped) and the CONTINUATION
+    frames that finish it, decoded with hpack. Once the peer has shrunk its HPACK table to the 0 bytes we allow, a
+    block's meaning depends on its bytes alone (static-table references and literals), so the same headers and
+    trailers, sent again and again, are decoded once (hpack's decoder costs ~20 µs a block here)."""
+
+    def __init__(self) -> None:
+        self._decoder = hpack.Decoder()
+        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._pending: tuple[int, int, bytearray] | None = None  # a block waiting for CONTINUATION
+
+    def feed(
+        self, kind: int, flags: int, stream_id: int, payload: bytes
+    ) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
+        """A HEADERS or CONTINUATION frame; once its block is complete, (stream id, the HEADERS frame's flags, the
+        fields), else None."""
+        if kind == HEADERS:
+            if flags & PADDED:
+                payload = payload[1 : len(payload) - payload[0]]
+            if flags & PRIORITY:
+                payload = payload[5:]
+            if not flags & END_HEADERS:
+                self._pending = (stream_id, flags, bytearray(payload))
+                return None
+            return stream_id, flags, self._fields(payload)
+        if self._pending is None:  # a CONTINUATION with no block open
+            return None
+        self._pending[2].extend(payload)
+        if not flags & END_HEADERS:
+            return None
+        stream_id, flags, block = self._pending
+        self._pending = None
+        return stream_id, flags, self._fields(bytes(block))
+
+    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        table = self._decoder.header_table
+        if table.maxsize == 0:
+            fields = self._decoded.get(block)
+            if fields is not None:
+                return fields
+        fields = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
+        if table.maxsize == 0 and len(self._decoded) < DECODED_BLOCKS:
+            self._decoded[block] = fields
+        return fields
+
+
 class CallError(Exception):
     """A call that ended with a status other than OK; ``code`` is the status name (``grpc.StatusCode`` names)."""
 
@@ -171,9 +246,7 @@ class Connection(asyncio.Protocol):
         self.closed_reason: str | None = None
         self.last_stream = 1 << 31  # GOAWAY's last stream id
         self._buffer = bytearray()
-        self._headers: list[tuple[int, int, bytearray]] = []  # a header block waiting for CONTINUATION
-        self._decoder = hpack.Decoder()
-        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}  # header blocks decoded once (see _fields)
+        self._headers = HeaderBlocks()
         self._blocks: dict[tuple[str, float | None], bytes] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -342,21 +415,9 @@ class Connection(asyncio.Protocol):
         self.slot_free.set()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buffer
-        buf += data
-        pos, size = 0, len(buf)
-        try:
-            while size - pos >= 9:
-                high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
-                length = high << 16 | low
-                end = pos + 9 + length
-                if end > size:
-                    break
-                payload = bytes(buf[pos + 9 : end])
-                pos = end
-                self._frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
-        finally:
-            del buf[:pos]
+        self._buffer += data
+        for kind, flags, stream_id, payload in frames(self._buffer):
+            self._frame(kind, flags, stream_id, payload)
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if kind == DATA:
@@ -430,38 +491,17 @@ class Connection(asyncio.Protocol):
             self.transport.write(frame(WINDOW_UPDATE, 0, stream_id, U32.pack(stream.unacked)))
             stream.unacked = 0
         if stream.on_message is not None:
-            buf = stream.buffer
-            buf += payload
-            while len(buf) >= 5:
-                size = U32.unpack_from(buf, 1)[0]
-                if len(buf) < 5 + size:
-                    break
-                message = bytes(buf[5 : 5 + size])
-                del buf[: 5 + size]
+            stream.buffer += payload
+            for message in messages(stream.buffer):
                 stream.on_message(message)
         if flags & END_STREAM:  # a reply that ends without trailers: no grpc-status
             self._finish(stream)
 
     def _header_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if kind == HEADERS:
-            if flags & PADDED:
-                payload = payload[1 : len(payload) - payload[0]]
-            if flags & PRIORITY:
-                payload = payload[5:]
-            if not flags & END_HEADERS:
-                self._headers.append((stream_id, flags, bytearray(payload)))
-                return
-            block = payload
-        else:  # CONTINUATION of the pending block
-            if not self._headers:
-                return
-            pending_id, flags_first, pending = self._headers[-1]
-            pending += payload
-            if not flags & END_HEADERS:
-                return
-            self._headers.pop()
-            stream_id, flags, block = pending_id, flags_first, bytes(pending)
-        fields = self._fields(bytes(block))
+        block = self._headers.feed(kind, flags, stream_id, payload)  # always fed: it may change the HPACK table
+        if block is None:
+            return
+        stream_id, flags, fields = block
         stream = self.streams.get(stream_id)
         if stream is None:
             return
@@ -475,20 +515,6 @@ class Connection(asyncio.Protocol):
                 stream.http_status = value
         if flags & END_STREAM:
             self._finish(stream)
-
-    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """A header block's fields. Once the server has shrunk its HPACK table to the 0 bytes we allow, a block's
-        meaning depends on its bytes alone (static-table references and literals), so the same reply headers and
-        trailers, sent again and again, are decoded once (hpack's decoder costs ~20 µs a block here)."""
-        table = self._decoder.header_table
-        if table.maxsize == 0:
-            fields = self._decoded.get(block)
-            if fields is not None:
-                return fields
-        fields = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
-        if table.maxsize == 0 and len(self._decoded) < DECODED_BLOCKS:
-            self._decoded[block] = fields
-        return fields
 
     def _finish(self, stream: _Stream) -> None:
         """The server ended the stream: its grpc-status, else what its HTTP status means to gRPC."""
