@@ -72,7 +72,7 @@ def run(
     """One perf_analyzer run; for Ferry also the mean batch it formed (rows per execution)."""
     is_ferry = server.name.startswith("ferry")
     before = ferry_stats(server.address, model) if is_ferry else None
-    cpu_before = cpu_seconds(server.pid)
+    cpu_before = cpu_seconds(server.pid) if is_ferry else None
     extra = [*settings.perf_extra(), *(["--input-data", "zero"] if zeros else [])]
     for attempt in range(3):  # on a busy machine perf_analyzer may still call 3 windows unstable: measure again
         try:

@@ -116,8 +116,9 @@ class Client(Protocol):
 
     async def ready(self, timeout_s: float) -> None: ...
 
-    async def unary(self, message: bytes, timeout_s: float) -> str:
-        """One ``ModelInfer`` call of serialized request bytes; its status name (``"OK"`` on success)."""
+    async def unary(self, message: bytes, timeout_s: float, on_reply: Callable[[bytes], None] | None = None) -> str:
+        """One ``ModelInfer`` call of serialized request bytes; its status name (``"OK"`` on success). The reply is
+        read only for ``on_reply``."""
         ...
 
     async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:
@@ -148,9 +149,9 @@ class WireClient:
     async def ready(self, timeout_s: float) -> None:
         self.conn = await wire.open_connection(self.target, timeout_s)
 
-    async def unary(self, message: bytes, timeout_s: float) -> str:
+    async def unary(self, message: bytes, timeout_s: float, on_reply: Callable[[bytes], None] | None = None) -> str:
         try:
-            return await (await self._connection()).unary(INFER, message, timeout_s)
+            return await (await self._connection()).unary(INFER, message, timeout_s, on_reply)
         except wire.CallError as err:
             return err.code
 
@@ -192,11 +193,13 @@ class GrpcioClient:
     async def ready(self, timeout_s: float) -> None:
         await asyncio.wait_for(self.channel.channel_ready(), timeout_s)
 
-    async def unary(self, message: bytes, timeout_s: float) -> str:
+    async def unary(self, message: bytes, timeout_s: float, on_reply: Callable[[bytes], None] | None = None) -> str:
         try:
-            await self.infer(message, timeout=timeout_s)
+            reply = await self.infer(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as err:
             return str(err.code().name)
+        if on_reply is not None:
+            on_reply(bytes(reply))
         return "OK"
 
     async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:

@@ -21,14 +21,14 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import grpc
 import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
-from loadtest import wire
+from loadtest.generator import make_client
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -100,11 +100,14 @@ async def drive(
     client: str = "wire",
 ) -> Result:
     """Closed loop: ``concurrency`` workers, each with one call in flight, for warm-up + ``duration_s`` seconds."""
-    async with _caller(client, target, timeout_s) as call:
-        first = await call(payload, True)
-        if not isinstance(first, bytes):
-            raise ValueError(f"{target} {model}: the first call failed with {first}")
-        out = decode_output(first)
+    caller = make_client(client, target)
+    await caller.ready(timeout_s)
+    try:
+        replies: list[bytes] = []
+        status = await caller.unary(payload, timeout_s, replies.append)
+        if status != "OK":
+            raise ValueError(f"{target} {model}: the first call failed with {status}")
+        out = decode_output(replies[0])
         if expect_shape is not None and out.shape != expect_shape:
             raise ValueError(f"{target} {model}: output shape {out.shape}, expected {expect_shape}")
         clock = time.perf_counter_ns
@@ -115,10 +118,10 @@ async def drive(
 
         async def worker(mine: list[int]) -> None:
             while (sent := clock()) < end:
-                failure = await call(payload, False)
-                if failure is not None:
+                status = await caller.unary(payload, timeout_s)
+                if status != "OK":
                     if start <= clock() <= end:
-                        errors[str(failure)] += 1
+                        errors[status] += 1
                     continue
                 done = clock()
                 if start <= done <= end:
@@ -133,6 +136,8 @@ async def drive(
         meter = asyncio.ensure_future(cpu_meter())
         await asyncio.gather(*(worker(mine) for mine in latencies))
         cpu = await meter
+    finally:
+        await caller.close()
     flat = np.fromiter((x for mine in latencies for x in mine), dtype=np.int64)
     completed = len(flat)
     window = duration_s
@@ -152,41 +157,6 @@ async def drive(
         mean_us=float(flat.mean() / 1e3) if completed else 0.0,
         client_cpu_us_per_request=cpu * 1e6 / max(1, completed),
     )
-
-
-Caller = Callable[[bytes, bool], Awaitable[bytes | str | None]]
-"""(request, want the reply) -> the reply bytes (when wanted) or None on success, else the status name."""
-
-
-@contextlib.asynccontextmanager
-async def _caller(client: str, target: str, timeout_s: float) -> AsyncIterator[Caller]:
-    if client == "wire":
-        conn = await wire.open_connection(target, timeout_s)
-        try:
-
-            async def call_wire(payload: bytes, reply: bool) -> bytes | str | None:
-                replies: list[bytes] = []
-                status = await conn.unary(INFER, payload, timeout_s, replies.append if reply else None)
-                if status != "OK":
-                    return status
-                return replies[0] if reply else None
-
-            yield call_wire
-        finally:
-            conn.close()
-        return
-    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), timeout_s)
-        method = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
-
-        async def call_grpcio(payload: bytes, reply: bool) -> bytes | str | None:
-            try:
-                answer = await method(payload, timeout=timeout_s)
-            except grpc.aio.AioRpcError as e:
-                return str(e.code().name)
-            return bytes(answer) if reply else None
-
-        yield call_grpcio
 
 
 def _cpu_s() -> float:
