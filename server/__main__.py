@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default 8001)")
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port, -1 = off (default 8000)")
     s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message (64 MiB)")
+    s.add_argument("--max-pending-calls", type=int, default=4096, help="calls gRPC holds for Ferry to pick up (4096)")
     s.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     s.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its default)")
     s.add_argument("--graph-optimization-level", choices=GRAPH_OPTIMIZATION_LEVELS, default="all")
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grpc_port=args.grpc_port,
             http_port=None if args.http_port < 0 else args.http_port,
             max_message_bytes=args.max_message_bytes,
+            max_pending_calls=args.max_pending_calls,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
             graph_optimization_level=args.graph_optimization_level,

@@ -74,9 +74,15 @@ class FerryServer:
 
     async def start(self) -> None:
         """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
-        limit = self.config.max_message_bytes
+        limit, pending = self.config.max_message_bytes, self.config.max_pending_calls
         self._grpc = server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # soft == hard: no random early drops below the bound (see ServerConfig.max_pending_calls)
+                ("grpc.server.max_pending_requests", pending),
+                ("grpc.server.max_pending_requests_hard_limit", pending),
+            ]
         )
         self.monitoring.loop = asyncio.get_running_loop()
         servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
