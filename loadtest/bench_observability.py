@@ -19,12 +19,15 @@ import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from client._proto import grpc_service_pb2 as pb
+from client._proto import grpc_service_pb2_grpc as pb_grpc
 from loadtest.bench import Running, Settings, check_answers, ferry_command, serving
 from loadtest.bench_batching import bench_main, paired
 
@@ -135,7 +138,46 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
                     with scraping as scraped:
                         out[label][model] = paired(base, variant, settings, model, CONCURRENCY)
                     out[label][model]["scrapes"] = len(scraped)
+        out[SWITCHED] = switched(plain, log, settings, {**otlp, "OTEL_TRACES_SAMPLER": "always_on"})
         out["spans_received"] = receiver.spans
+    return out
+
+
+SWITCHED = "one server, switched by TraceSetting"
+TRACE_LEVELS = {
+    "off": {"trace_level": ["OFF"]},
+    "10%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["10"]},
+    "100%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["1"]},
+}
+
+
+def set_trace(address: str, changes: dict[str, list[str]]) -> None:
+    """Change a server's trace settings (Triton's TraceSetting RPC)."""
+    request = pb.TraceSettingRequest()
+    for name, values in changes.items():
+        request.settings[name].value.extend(values)
+    with grpc.insecure_channel(address) as channel:
+        pb_grpc.GRPCInferenceServiceStub(channel).TraceSetting(request, timeout=10)
+
+
+def switched(repo: Path, log: IO[str], settings: Settings, otlp: dict[str, str]) -> dict[str, Any]:
+    """Tracing's cost on one server process, its sampling switched between runs by the TraceSetting RPC: two Ferry
+    processes of one configuration differ by several % on this machine (the A/A control above), which this
+    comparison does not carry. Its own control switches off against off."""
+    out: dict[str, Any] = {}
+    with ferry("ferry-traced", repo, log, otlp) as traced:
+        for label, (a, b) in {"tracing 10%": ("off", "10%"), "tracing 100%": ("off", "100%"),
+                              "control: off against off": ("off", "off")}.items():  # fmt: skip
+            base, variant = replace(traced, name="ferry-baseline"), replace(traced, name="ferry-variant")
+            levels = {base.name: TRACE_LEVELS[a], variant.name: TRACE_LEVELS[b]}
+
+            def prepare(server: Running, levels: dict[str, dict[str, list[str]]] = levels) -> None:
+                set_trace(server.address, levels[server.name])
+
+            out[label] = {}
+            for model in ("mlp", "tiny"):
+                print(f"{SWITCHED}: {label}, {model}:", flush=True)
+                out[label][model] = paired(base, variant, settings, model, CONCURRENCY, prepare=prepare)
     return out
 
 
@@ -146,6 +188,32 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def table_rows(runs: dict[str, Any], control_label: str) -> list[str]:
+    """One row per feature and model: req/s with and without, their ratio per round, the loss (net of the A/A
+    control's, when there is one) and the server's CPU per request."""
+    lines = []
+    control = runs.get(control_label, {})
+    for label, models in runs.items():
+        if not isinstance(models, dict):
+            continue
+        for model, case in models.items():
+            base = case.get("ferry-baseline") or case["baseline"]  # the names runs before 2026-11-26 23:20 used
+            variant = case.get("ferry-variant") or case["variant"]
+            rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
+            net = "-"
+            if label != control_label and model in control:
+                net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
+            cpu, added = "-", "-"
+            if "cpu_us_per_request" in base and "cpu_us_per_request" in variant:
+                without, with_it = base["cpu_us_per_request"], variant["cpu_us_per_request"]
+                cpu, added = f"{without:,.0f} / {with_it:,.0f}", f"**{(with_it / without - 1) * 100:+.0f}%**"
+            lines.append(
+                f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
+                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} | {cpu} | {added} |"
+            )
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
@@ -164,32 +232,27 @@ def render(results: dict[str, Any]) -> str:
         "control | server CPU µs/request without / with | CPU added |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    control = r.get(CONTROL, {})
-    for label, models in r.items():
-        if not isinstance(models, dict):
-            continue
-        for model, case in models.items():
-            base = case.get("ferry-baseline") or case["baseline"]  # the names runs before 2026-11-26 23:20 used
-            variant = case.get("ferry-variant") or case["variant"]
-            rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
-            net = "-"
-            if label != CONTROL and model in control:
-                net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
-            cpu, added = "-", "-"
-            if "cpu_us_per_request" in base and "cpu_us_per_request" in variant:
-                without, with_it = base["cpu_us_per_request"], variant["cpu_us_per_request"]
-                cpu, added = f"{without:,.0f} / {with_it:,.0f}", f"**{(with_it / without - 1) * 100:+.0f}%**"
-            lines.append(
-                f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
-                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} | {cpu} | {added} |"
-            )
-    if control:
+    lines += table_rows({k: v for k, v in r.items() if k != SWITCHED}, CONTROL)
+    if CONTROL in r:
         lines += ["", f"*{CONTROL}* is a second Ferry with the baseline's exact configuration, measured the same way: "
                   "what it loses is the pairing's own bias and noise, and *loss net of the control* divides it out "
                   "(with ÷ without, over the control's with ÷ without). *Server CPU* is the server process's CPU "
                   "time (all threads, from /proc) over each perf_analyzer run divided by the requests its "
                   "`ModelStatistics` counted, averaged over rounds: on a CPU-bound server the throughput a feature "
                   "costs, read with less of the scheduling noise that moves req/s."]  # fmt: skip
+    if SWITCHED in r:
+        lines += [
+            "",
+            f"**Tracing on {SWITCHED}** (started with `OTEL_TRACES_EXPORTER=otlp`; before each run the "
+            "TraceSetting RPC sets `trace_level` OFF, or TIMESTAMPS at `trace_rate` 10 or 1): the same process "
+            "measured with and without, so the difference between two server processes (the control above) is "
+            "not in it. Its control switches off against off.",
+            "",
+            "| feature | model | off req/s | on req/s | on ÷ off (per round) | loss | loss net of the control | "
+            "server CPU µs/request off / on | CPU added |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += table_rows(r[SWITCHED], "control: off against off")  # fmt: skip
     return "\n".join(lines)
 
 

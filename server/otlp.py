@@ -23,7 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -75,12 +75,29 @@ def _key_value(key: str, value: Any) -> bytes:
     return _field(b"\x0a", key.encode()) + _field(b"\x12", _value(value))
 
 
+_SCALARS = (str, bool, int, float)
+_MEMO_LIMIT = 4096
+_attribute_memo: dict[tuple[bytes, str, type, Any], bytes] = {}
+"""Encoded attributes by (tag, key, type, value): Ferry's spans repeat the same few (model, version, sha256, rpc.*).
+The type is part of the key because ``True == 1``. Emptied when full, so it stays bounded."""
+
+
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     """Repeated KeyValue; an attribute whose value cannot be encoded is left out (as the SDK's encoder does)."""
     if not attributes:
         return b""
     out = []
+    memo = _attribute_memo
     for key, value in attributes.items():
+        kind = type(value)
+        if kind in _SCALARS:
+            encoded = memo.get((tag, key, kind, value))
+            if encoded is None:
+                if len(memo) >= _MEMO_LIMIT:
+                    memo.clear()
+                encoded = memo[(tag, key, kind, value)] = _field(tag, _key_value(key, value))
+            out.append(encoded)
+            continue
         try:
             out.append(_field(tag, _key_value(key, value)))
         except TypeError:
@@ -88,8 +105,12 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(out)
 
 
-def _flags(parent: SpanContext | None) -> bytes:
-    return _U32.pack(_HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE)
+_FLAGS = {False: b"\x85\x01" + _U32.pack(_HAS_IS_REMOTE), True: b"\x85\x01" + _U32.pack(_HAS_IS_REMOTE | _IS_REMOTE)}
+"""The span's flags field (16, fixed32) by whether its parent is remote."""
+_LINK_FLAGS = {remote: b"\x35" + flags[2:] for remote, flags in _FLAGS.items()}  # a link's flags: field 6
+_KINDS = {kind: b"\x30" + _varint(kind.value + 1) for kind in SpanKind}  # OTLP counts kinds from 1
+_UNSET = _field(b"\x7a", b"")  # an empty Status
+_names: dict[str, bytes] = {}  # a span's name field by name (Ferry's are a handful)
 
 
 def _trace_state(context: SpanContext) -> str:
@@ -103,14 +124,18 @@ def encode_span(span: ReadableSpan) -> bytes:
     assert context is not None
     parent = span.parent
     out = [b"\x0a\x10", context.trace_id.to_bytes(16, "big"), b"\x12\x08", context.span_id.to_bytes(8, "big")]
-    if state := _trace_state(context):
+    if context.trace_state and (state := _trace_state(context)):
         out.append(_field(b"\x1a", state.encode()))
     if parent is not None:
         out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
+    name = span.name
+    if (name_field := _names.get(name)) is None:
+        if len(_names) >= _MEMO_LIMIT:
+            _names.clear()
+        name_field = _names[name] = _field(b"\x2a", name.encode())
     out += (
-        _field(b"\x2a", span.name.encode()),
-        b"\x30",
-        _varint(span.kind.value + 1),  # OTLP counts kinds from 1 (0 is UNSPECIFIED)
+        name_field,
+        _KINDS[span.kind],
         b"\x39",
         _U64.pack(span.start_time or 0),
         b"\x41",
@@ -119,28 +144,33 @@ def encode_span(span: ReadableSpan) -> bytes:
     )
     if span.dropped_attributes:
         out += (b"\x50", _varint(span.dropped_attributes))
-    for event in span.events:
+    events, links = span.events, span.links
+    for event in events:
         body = b"\x09" + _U64.pack(event.timestamp) + _field(b"\x12", event.name.encode())
         body += _attributes(b"\x1a", event.attributes)
         if event.dropped_attributes:
             body += b"\x20" + _varint(event.dropped_attributes)
         out.append(_field(b"\x5a", body))
-    if span.dropped_events:
+    if events and span.dropped_events:
         out += (b"\x60", _varint(span.dropped_events))
-    for link in span.links:
+    for link in links:
         linked = link.context
         body = b"\x0a\x10" + linked.trace_id.to_bytes(16, "big") + b"\x12\x08" + linked.span_id.to_bytes(8, "big")
         body += _attributes(b"\x22", link.attributes)
         if link.dropped_attributes:
             body += b"\x28" + _varint(link.dropped_attributes)
-        out.append(_field(b"\x6a", body + b"\x35" + _flags(linked)))
-    if span.dropped_links:
+        out.append(_field(b"\x6a", body + _LINK_FLAGS[linked.is_remote]))
+    if links and span.dropped_links:
         out += (b"\x70", _varint(span.dropped_links))
     status = span.status
-    body = _field(b"\x12", status.description.encode()) if status.description else b""
-    if code := status.status_code.value:
-        body += b"\x18" + _varint(code)
-    out += (_field(b"\x7a", body), b"\x85\x01", _flags(parent))  # status (15), flags (16, fixed32)
+    if status.status_code is StatusCode.UNSET and not status.description:
+        out.append(_UNSET)
+    else:
+        body = _field(b"\x12", status.description.encode()) if status.description else b""
+        if code := status.status_code.value:
+            body += b"\x18" + _varint(code)
+        out.append(_field(b"\x7a", body))
+    out.append(_FLAGS[parent is not None and parent.is_remote])  # flags (16, fixed32)
     return b"".join(out)
 
 

@@ -48,7 +48,11 @@ def rpc(fn: F) -> F:
     async def method(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         tracing: Tracing = self.tracing
         span = (
-            tracing.rpc_span(self.service_name, fn.__name__, context.invocation_metadata()) if tracing.enabled else None
+            tracing.rpc_span(
+                self.service_name, fn.__name__, context.invocation_metadata(), getattr(request, "model_name", "")
+            )
+            if tracing.enabled
+            else None
         )
         if span is None:
             try:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-EXTENSIONS = ("model_configuration", "model_repository", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics", "trace")
 """Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats)."""
 
 
@@ -234,7 +234,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryStatus = _unimplemented("CUDA shared memory")
     CudaSharedMemoryRegister = _unimplemented("CUDA shared memory")
     CudaSharedMemoryUnregister = _unimplemented("CUDA shared memory")
-    TraceSetting = _unimplemented("trace settings")
+
+    @rpc
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
+        """Triton's trace extension: read (no settings) or change what is sampled, globally or for one model."""
+        model = request.model_name or None
+        if model is not None:
+            self._repository.get_model(model)  # NOT_FOUND for a model the repository does not have
+        settings = self.tracing.settings
+        changes = {name: list(value.value) for name, value in request.settings.items()}
+        current = settings.update(model, changes) if changes else settings.get(model)
+        if changes:
+            log.info("trace settings%s: %s", f" of model {model!r}" if model else "", current)
+        value = pb.TraceSettingResponse.SettingValue
+        return pb.TraceSettingResponse(settings={name: value(value=v) for name, v in current.items()})
+
     LogSettings = _unimplemented("log settings")
 
 

@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from server.tracesettings import Policy, TraceSettings
+
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
@@ -63,6 +65,9 @@ class Span:
         self.status = Status(StatusCode.UNSET)
 
 
+_LOW_64 = (1 << 64) - 1
+
+
 class _HashedResource(Resource):
     """The provider's resource, hashed once. The OTLP encoder groups every batch of spans by resource, and the
     SDK's Resource hashes itself by serializing its attributes to JSON on each call: a fifth of the exporter's
@@ -91,6 +96,8 @@ class Tracing:
     def __init__(self, provider: TracerProvider | None) -> None:
         self.provider = provider
         self.enabled = provider is not None
+        self.settings = TraceSettings.from_sampler(provider.sampler if provider is not None else None)
+        """What is sampled, changed at run time by the TraceSetting RPC (see server.tracesettings)."""
         if provider is not None:
             self._sampler = provider.sampler
             self._ids = provider.id_generator
@@ -127,15 +134,24 @@ class Tracing:
         if self.provider is not None:
             self.provider.shutdown()
 
-    def rpc_span(self, service: str, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Span | None:
-        """The SERVER span of one RPC, continuing the caller's trace (W3C ``traceparent``), when the sampler keeps
-        it; None when it does not. Make it current with :func:`use`, record it with :meth:`end`."""
+    def rpc_span(
+        self, service: str, method: str, metadata: Iterable[tuple[str, Any]] | None, model: str = ""
+    ) -> Span | None:
+        """The SERVER span of one RPC, continuing the caller's trace (W3C ``traceparent``), when the trace settings
+        (of ``model``, when the RPC names one) sample it; None when they do not. Make it current with :func:`use`,
+        record it with :meth:`end`."""
+        policy = self.settings.policy(model)
+        if not policy.on or policy.counter.count == 0:
+            return None
         carrier = {key: value for key, value in metadata or () if key in self._fields and isinstance(value, str)}
         parent = trace.get_current_span(extract(carrier)).get_span_context() if carrier else None
         if parent is not None and not parent.is_valid:
             parent = None
         attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        return self._sampled(f"{service}/{method}", SpanKind.SERVER, parent, attributes)
+        span = self._sampled(f"{service}/{method}", SpanKind.SERVER, parent, attributes, policy)
+        if span is not None:
+            policy.took()
+        return span
 
     def child_span(self, name: str, parent: Span, attributes: dict[str, Any]) -> Span:
         """A span under a sampled one (e.g. one request of a stream under the stream's RPC span)."""
@@ -143,16 +159,30 @@ class Tracing:
         return Span(name, context, parent.context, SpanKind.INTERNAL, attributes)
 
     def _sampled(
-        self, name: str, kind: SpanKind, parent: SpanContext | None, attributes: dict[str, Any]
+        self, name: str, kind: SpanKind, parent: SpanContext | None, attributes: dict[str, Any], policy: Policy
     ) -> Span | None:
-        trace_id = parent.trace_id if parent is not None else self._ids.generate_trace_id()
+        ids = self._ids
+        bound = policy.bound
+        if bound is not None:  # the decision the SDK's ratio and parent-based samplers make, without the call
+            if parent is None:
+                trace_id = ids.generate_trace_id()
+                if trace_id & _LOW_64 >= bound:
+                    return None
+                context = SpanContext(trace_id, ids.generate_span_id(), False, _SAMPLED)
+                return Span(name, context, None, kind, attributes)
+            keep = parent.trace_flags.sampled if policy.parent_based else parent.trace_id & _LOW_64 < bound
+            if not keep:
+                return None
+            context = SpanContext(parent.trace_id, ids.generate_span_id(), False, _SAMPLED, parent.trace_state)
+            return Span(name, context, parent, kind, attributes)
+        trace_id = parent.trace_id if parent is not None else ids.generate_trace_id()
         parent_context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent is not None else None
         result = self._sampler.should_sample(parent_context, trace_id, name, kind, attributes)
         if not result.decision.is_sampled():
             return None
         if result.attributes:
             attributes.update(result.attributes)
-        context = SpanContext(trace_id, self._ids.generate_span_id(), False, _SAMPLED, result.trace_state)
+        context = SpanContext(trace_id, ids.generate_span_id(), False, _SAMPLED, result.trace_state)
         return Span(name, context, parent, kind, attributes)
 
     def end(self, span: Span, end_ns: int | None = None) -> None:

@@ -263,3 +263,55 @@ def test_outcome_service_calls_get_spans_of_their_own(example_repo: Path) -> Non
     (span,) = by_name(exporter.get_finished_spans(), "ferry.v1.OutcomeService/ReportOutcomes")
     assert span.kind == SpanKind.SERVER and span.attributes is not None
     assert span.attributes["rpc.service"] == "ferry.v1.OutcomeService" and span.attributes["rpc.grpc.status_code"] == 0
+
+
+def test_trace_settings_change_what_is_sampled_through_tritonclient(example_repo: Path) -> None:
+    """Triton's trace extension through Triton's own client: read the settings, turn tracing off and on, cap it with
+    a count, give one model settings of its own; bad settings and unknown models are refused."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()  # parentbased_always_on: every request, until the settings say otherwise
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    x = np.ones((1, 16), np.float32)
+
+    def traced_calls(model: str, n: int) -> int:
+        exporter.clear()
+        for _ in range(n):
+            inputs = [tc.InferInput("input", list(x.shape) if model == "tiny" else [1, 256], "FP32")]
+            inputs[0].set_data_from_numpy(x if model == "tiny" else np.ones((1, 256), np.float32))
+            client.infer(model, inputs)
+        return len(by_name(exporter.get_finished_spans(), "inference.GRPCInferenceService/ModelInfer"))
+
+    with background_server(example_repo, Tracing(provider), http_port=None) as running:
+        client = tc.InferenceServerClient(running.address)
+        try:
+            assert "trace" in client.get_server_metadata().extensions
+            settings = client.get_trace_settings(as_json=True)["settings"]
+            assert {k: v["value"] for k, v in settings.items()} == {
+                "trace_level": ["TIMESTAMPS"], "trace_rate": ["1"], "trace_count": ["-1"],
+                "trace_mode": ["opentelemetry"],
+            }  # fmt: skip
+            assert traced_calls("tiny", 3) == 3
+            client.update_trace_settings(settings={"trace_level": ["OFF"]})
+            assert traced_calls("tiny", 3) == 0
+            updated = client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_count": "2"})
+            assert list(updated.settings["trace_count"].value) == ["2"]
+            assert traced_calls("tiny", 5) == 2
+            assert list(client.get_trace_settings().settings["trace_count"].value) == ["0"]
+            # tiny gets a count of its own; mlp still follows the global count, spent
+            client.update_trace_settings(model_name="tiny", settings={"trace_count": "1"})
+            assert traced_calls("tiny", 3) == 1 and traced_calls("mlp", 3) == 0
+            client.update_trace_settings(settings={"trace_count": None})  # cleared: the startup value, no limit
+            assert traced_calls("mlp", 2) == 2
+            assert list(client.get_trace_settings(model_name="tiny").settings["trace_count"].value) == ["0"]
+
+            with pytest.raises(InferenceServerException) as refused:
+                client.update_trace_settings(settings={"trace_level": ["TENSORS"]})
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "TIMESTAMPS" in str(refused.value)
+            with pytest.raises(InferenceServerException) as unknown:
+                client.get_trace_settings(model_name="nope")
+            assert unknown.value.status() == "StatusCode.NOT_FOUND" and "nope" in str(unknown.value)
+        finally:
+            client.close()

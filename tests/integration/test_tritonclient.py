@@ -359,3 +359,12 @@ def test_load_unload_round_trip(example_repo: Path, tmp_path: Path, reference: R
             assert _code(err) == "StatusCode.NOT_FOUND"
         finally:
             c.close()
+
+
+def test_trace_settings_without_an_exporter(client: tc.InferenceServerClient) -> None:
+    """This server runs without OTEL_TRACES_EXPORTER: the settings read OFF and cannot be turned on."""
+    settings = client.get_trace_settings().settings
+    assert list(settings["trace_level"].value) == ["OFF"] and list(settings["trace_mode"].value) == ["opentelemetry"]
+    with pytest.raises(InferenceServerException) as refused:
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert refused.value.status() == "StatusCode.FAILED_PRECONDITION" and "OTEL_TRACES_EXPORTER" in str(refused.value)
