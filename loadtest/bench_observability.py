@@ -84,10 +84,12 @@ def build_repository(models: Path, root: Path, extra: str = "") -> Path:
     for name in ("mlp", "tiny"):
         (root / name / "1").mkdir(parents=True)
         shutil.copy(models / name / "1" / "model.onnx", root / name / "1" / "model.onnx")
-        (root / name / "config.pbtxt").write_text(
-            f'name: "{name}"\nmax_batch_size: 128\ndynamic_batching {{ }}\n{extra}'
-        )
+        (root / name / "config.pbtxt").write_text(config_text(name, extra))
     return root
+
+
+def config_text(name: str, extra: str = "") -> str:
+    return f'name: "{name}"\nmax_batch_size: 128\ndynamic_batching {{ }}\n{extra}'
 
 
 @contextlib.contextmanager
@@ -138,17 +140,27 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
                     with scraping as scraped:
                         out[label][model] = paired(base, variant, settings, model, CONCURRENCY)
                     out[label][model]["scrapes"] = len(scraped)
-        out[SWITCHED] = switched(plain, log, settings, {**otlp, "OTEL_TRACES_SAMPLER": "always_on"})
+        switched_env = {**otlp, "OTEL_TRACES_SAMPLER": "always_on"}
+        out[SWITCHED] = switched(build_repository(models, work / "switched"), work, log, settings, switched_env)
         out["spans_received"] = receiver.spans
     return out
 
 
-SWITCHED = "one server, switched by TraceSetting"
+SWITCHED = "one server, switched between runs"
 TRACE_LEVELS = {
     "off": {"trace_level": ["OFF"]},
     "10%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["10"]},
     "100%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["1"]},
 }
+ARMS = {"off": ("off", False), "traced 10%": ("10%", False), "traced 100%": ("100%", False), "logged": ("off", True)}
+"""What one server runs with: (trace level, prediction log at 10% on the measured model)."""
+SWITCHED_CASES = {
+    "tracing 10%": ("off", "traced 10%"),
+    "tracing 100%": ("off", "traced 100%"),
+    "prediction log 10%": ("off", "logged"),
+    "control: off against off": ("off", "off"),
+}
+SWITCHED_CONTROL = "control: off against off"
 
 
 def set_trace(address: str, changes: dict[str, list[str]]) -> None:
@@ -160,22 +172,37 @@ def set_trace(address: str, changes: dict[str, list[str]]) -> None:
         pb_grpc.GRPCInferenceServiceStub(channel).TraceSetting(request, timeout=10)
 
 
-def switched(repo: Path, log: IO[str], settings: Settings, otlp: dict[str, str]) -> dict[str, Any]:
-    """Tracing's cost on one server process, its sampling switched between runs by the TraceSetting RPC: two Ferry
-    processes of one configuration differ by several % on this machine (the A/A control above), which this
-    comparison does not carry. Its own control switches off against off."""
+def switch(server: Running, repo: Path, model: str, arm: str) -> None:
+    """Put ``server`` in ``arm``: its trace level by TraceSetting, and ``model`` reloaded (RepositoryModelLoad) from
+    a config.pbtxt with or without a prediction log rate; reloaded in every arm, so each run starts on a fresh
+    model version alike."""
+    level, logged = ARMS[arm]
+    set_trace(server.address, TRACE_LEVELS[level])
+    (repo / model / "config.pbtxt").write_text(config_text(model, LOGGED if logged else ""))
+    with grpc.insecure_channel(server.address) as channel:
+        pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=model), timeout=60
+        )
+    check_answers(server, model)
+
+
+def switched(repo: Path, work: Path, log: IO[str], settings: Settings, env: dict[str, str]) -> dict[str, Any]:
+    """Tracing's and the prediction log's cost on one server process, switched between runs (trace settings by
+    TraceSetting, the log by reloading the model with or without its rate): two Ferry processes of one
+    configuration differ by several % on this machine (the A/A control above), which this comparison does not
+    carry. Its own control switches off against off."""
     out: dict[str, Any] = {}
-    with ferry("ferry-traced", repo, log, otlp) as traced:
-        for label, (a, b) in {"tracing 10%": ("off", "10%"), "tracing 100%": ("off", "100%"),
-                              "control: off against off": ("off", "off")}.items():  # fmt: skip
-            base, variant = replace(traced, name="ferry-baseline"), replace(traced, name="ferry-variant")
-            levels = {base.name: TRACE_LEVELS[a], variant.name: TRACE_LEVELS[b]}
-
-            def prepare(server: Running, levels: dict[str, dict[str, list[str]]] = levels) -> None:
-                set_trace(server.address, levels[server.name])
-
+    flags = ("--prediction-log", str(work / "switched-predictions.jsonl"))
+    with ferry("ferry-switched", repo, log, env, *flags) as server:
+        base, variant = replace(server, name="ferry-baseline"), replace(server, name="ferry-variant")
+        for label, (a, b) in SWITCHED_CASES.items():
             out[label] = {}
             for model in ("mlp", "tiny"):
+                arms = {base.name: a, variant.name: b}
+
+                def prepare(s: Running, arms: dict[str, str] = arms, model: str = model) -> None:
+                    switch(s, repo, model, arms[s.name])
+
                 print(f"{SWITCHED}: {label}, {model}:", flush=True)
                 out[label][model] = paired(base, variant, settings, model, CONCURRENCY, prepare=prepare)
     return out
@@ -252,7 +279,7 @@ def render(results: dict[str, Any]) -> str:
             "server CPU µs/request off / on | CPU added |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        lines += table_rows(r[SWITCHED], "control: off against off")  # fmt: skip
+        lines += table_rows(r[SWITCHED], SWITCHED_CONTROL)  # fmt: skip
     return "\n".join(lines)
 
 
