@@ -45,6 +45,7 @@ bench: models perf-deps
 	$(BIN)/python -m loadtest.bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.bench_batching --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.bench_observability --models $(MODELS) --out bench-out
+	$(BIN)/python -m loadtest.bench_switched --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 	$(BIN)/python -m loadtest.kernel_bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m loadtest.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md

@@ -298,6 +298,25 @@ class AsyncClient:
         request = pb.ModelStatisticsRequest(name=model, version=_version(version))
         return list((await self._unary("ModelStatistics", request, timeout)).model_stats)
 
+    async def trace_settings(
+        self,
+        changes: dict[str, str | list[str] | None] | None = None,
+        model: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, list[str]]:
+        """The server's trace settings (``model``'s, when given), after applying ``changes`` if any: Triton's
+        TraceSetting. A value is a string or a list of them; None drops the setting (a model's override, or back to
+        the server's startup value). Keys: ``trace_level`` (OFF, TIMESTAMPS), ``trace_rate`` (1 request in N),
+        ``trace_count`` (-1 or how many more)."""
+        request = pb.TraceSettingRequest(model_name=model)
+        for name, value in (changes or {}).items():
+            entry = request.settings[name]  # present with no value: drop it
+            if value is not None:
+                entry.value.extend([value] if isinstance(value, str) else value)
+        reply = await self._unary("TraceSetting", request, timeout)
+        return {name: list(value.value) for name, value in reply.settings.items()}
+
     async def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[Any]:
         """``RepositoryIndexResponse.ModelIndex`` entries (name, version, state, reason)."""
         request = pb.RepositoryIndexRequest(ready=ready)
@@ -577,6 +596,15 @@ class Client:
         self, model: str = "", version: str | int | None = None, *, timeout: float | None = None
     ) -> list[Any]:
         return self._run(self._async.statistics(model, version, timeout=timeout))
+
+    def trace_settings(
+        self,
+        changes: dict[str, str | list[str] | None] | None = None,
+        model: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, list[str]]:
+        return self._run(self._async.trace_settings(changes, model, timeout=timeout))
 
     def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[Any]:
         return self._run(self._async.repository_index(ready, timeout=timeout))

@@ -104,23 +104,11 @@ def run(
     return result
 
 
-def paired(
-    a: Running,
-    b: Running,
-    settings: Settings,
-    model: str,
-    concurrency: int,
-    prepare: Callable[[Running], None] | None = None,
-    **kw: Any,
-) -> dict[str, Any]:
-    """``a`` and ``b`` back to back, their order alternating by round; means over rounds and per-round ratios.
-    ``prepare`` is called with the server before each of its runs (e.g. to switch a setting of one server that
-    runs as both ``a`` and ``b`` under two names)."""
+def paired(a: Running, b: Running, settings: Settings, model: str, concurrency: int, **kw: Any) -> dict[str, Any]:
+    """``a`` and ``b`` back to back, their order alternating by round; means over rounds and per-round ratios."""
     runs: dict[str, list[dict[str, Any]]] = {a.name: [], b.name: []}
     for r in range(settings.rounds):
         for server in (a, b) if r % 2 == 0 else (b, a):
-            if prepare is not None:
-                prepare(server)
             runs[server.name].append(run(server, model, concurrency, settings, **kw))
 
     def mean(name: str) -> dict[str, float]:

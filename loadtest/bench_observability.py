@@ -19,15 +19,12 @@ import threading
 import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
 from loadtest.bench import Running, Settings, check_answers, ferry_command, serving
 from loadtest.bench_batching import bench_main, paired
 
@@ -89,6 +86,7 @@ def build_repository(models: Path, root: Path, extra: str = "") -> Path:
 
 
 def config_text(name: str, extra: str = "") -> str:
+    """The config.pbtxt both benchmarks serve ``name`` with; ``extra`` adds lines (e.g. a prediction log rate)."""
     return f'name: "{name}"\nmax_batch_size: 128\ndynamic_batching {{ }}\n{extra}'
 
 
@@ -140,71 +138,7 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
                     with scraping as scraped:
                         out[label][model] = paired(base, variant, settings, model, CONCURRENCY)
                     out[label][model]["scrapes"] = len(scraped)
-        switched_env = {**otlp, "OTEL_TRACES_SAMPLER": "always_on"}
-        out[SWITCHED] = switched(build_repository(models, work / "switched"), work, log, settings, switched_env)
         out["spans_received"] = receiver.spans
-    return out
-
-
-SWITCHED = "one server, switched between runs"
-TRACE_LEVELS = {
-    "off": {"trace_level": ["OFF"]},
-    "10%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["10"]},
-    "100%": {"trace_level": ["TIMESTAMPS"], "trace_rate": ["1"]},
-}
-ARMS = {"off": ("off", False), "traced 10%": ("10%", False), "traced 100%": ("100%", False), "logged": ("off", True)}
-"""What one server runs with: (trace level, prediction log at 10% on the measured model)."""
-SWITCHED_CASES = {
-    "tracing 10%": ("off", "traced 10%"),
-    "tracing 100%": ("off", "traced 100%"),
-    "prediction log 10%": ("off", "logged"),
-    "control: off against off": ("off", "off"),
-}
-SWITCHED_CONTROL = "control: off against off"
-
-
-def set_trace(address: str, changes: dict[str, list[str]]) -> None:
-    """Change a server's trace settings (Triton's TraceSetting RPC)."""
-    request = pb.TraceSettingRequest()
-    for name, values in changes.items():
-        request.settings[name].value.extend(values)
-    with grpc.insecure_channel(address) as channel:
-        pb_grpc.GRPCInferenceServiceStub(channel).TraceSetting(request, timeout=10)
-
-
-def switch(server: Running, repo: Path, model: str, arm: str) -> None:
-    """Put ``server`` in ``arm``: its trace level by TraceSetting, and ``model`` reloaded (RepositoryModelLoad) from
-    a config.pbtxt with or without a prediction log rate; reloaded in every arm, so each run starts on a fresh
-    model version alike."""
-    level, logged = ARMS[arm]
-    set_trace(server.address, TRACE_LEVELS[level])
-    (repo / model / "config.pbtxt").write_text(config_text(model, LOGGED if logged else ""))
-    with grpc.insecure_channel(server.address) as channel:
-        pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
-            pb.RepositoryModelLoadRequest(model_name=model), timeout=60
-        )
-    check_answers(server, model)
-
-
-def switched(repo: Path, work: Path, log: IO[str], settings: Settings, env: dict[str, str]) -> dict[str, Any]:
-    """Tracing's and the prediction log's cost on one server process, switched between runs (trace settings by
-    TraceSetting, the log by reloading the model with or without its rate): two Ferry processes of one
-    configuration differ by several % on this machine (the A/A control above), which this comparison does not
-    carry. Its own control switches off against off."""
-    out: dict[str, Any] = {}
-    flags = ("--prediction-log", str(work / "switched-predictions.jsonl"))
-    with ferry("ferry-switched", repo, log, env, *flags) as server:
-        base, variant = replace(server, name="ferry-baseline"), replace(server, name="ferry-variant")
-        for label, (a, b) in SWITCHED_CASES.items():
-            out[label] = {}
-            for model in ("mlp", "tiny"):
-                arms = {base.name: a, variant.name: b}
-
-                def prepare(s: Running, arms: dict[str, str] = arms, model: str = model) -> None:
-                    switch(s, repo, model, arms[s.name])
-
-                print(f"{SWITCHED}: {label}, {model}:", flush=True)
-                out[label][model] = paired(base, variant, settings, model, CONCURRENCY, prepare=prepare)
     return out
 
 
@@ -215,32 +149,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def table_rows(runs: dict[str, Any], control_label: str) -> list[str]:
-    """One row per feature and model: req/s with and without, their ratio per round, the loss (net of the A/A
-    control's, when there is one) and the server's CPU per request."""
-    lines = []
-    control = runs.get(control_label, {})
-    for label, models in runs.items():
-        if not isinstance(models, dict):
-            continue
-        for model, case in models.items():
-            base = case.get("ferry-baseline") or case["baseline"]  # the names runs before 2026-11-26 23:20 used
-            variant = case.get("ferry-variant") or case["variant"]
-            rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
-            net = "-"
-            if label != control_label and model in control:
-                net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
-            cpu, added = "-", "-"
-            if "cpu_us_per_request" in base and "cpu_us_per_request" in variant:
-                without, with_it = base["cpu_us_per_request"], variant["cpu_us_per_request"]
-                cpu, added = f"{without:,.0f} / {with_it:,.0f}", f"**{(with_it / without - 1) * 100:+.0f}%**"
-            lines.append(
-                f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
-                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} | {cpu} | {added} |"
-            )
-    return lines
 
 
 def render(results: dict[str, Any]) -> str:
@@ -259,27 +167,32 @@ def render(results: dict[str, Any]) -> str:
         "control | server CPU µs/request without / with | CPU added |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += table_rows({k: v for k, v in r.items() if k != SWITCHED}, CONTROL)
-    if CONTROL in r:
+    control = r.get(CONTROL, {})
+    for label, models in r.items():
+        if not isinstance(models, dict):
+            continue
+        for model, case in models.items():
+            base = case.get("ferry-baseline") or case["baseline"]  # the names runs before 2026-11-26 23:20 used
+            variant = case.get("ferry-variant") or case["variant"]
+            rounds = ", ".join(f"{x:.2f}" for x in case["per_round"])
+            net = "-"
+            if label != CONTROL and model in control:
+                net = f"{(1 - case['ratio'] / control[model]['ratio']) * 100:.0f}%"
+            cpu, added = "-", "-"
+            if "cpu_us_per_request" in base and "cpu_us_per_request" in variant:
+                without, with_it = base["cpu_us_per_request"], variant["cpu_us_per_request"]
+                cpu, added = f"{without:,.0f} / {with_it:,.0f}", f"**{(with_it / without - 1) * 100:+.0f}%**"
+            lines.append(
+                f"| {label} | {model} | {base['infer_per_s']:,.0f} | {variant['infer_per_s']:,.0f} | "
+                f"**{case['ratio']:.2f}** ({rounds}) | {(1 - case['ratio']) * 100:.0f}% | {net} | {cpu} | {added} |"
+            )
+    if control:
         lines += ["", f"*{CONTROL}* is a second Ferry with the baseline's exact configuration, measured the same way: "
                   "what it loses is the pairing's own bias and noise, and *loss net of the control* divides it out "
                   "(with ÷ without, over the control's with ÷ without). *Server CPU* is the server process's CPU "
                   "time (all threads, from /proc) over each perf_analyzer run divided by the requests its "
                   "`ModelStatistics` counted, averaged over rounds: on a CPU-bound server the throughput a feature "
                   "costs, read with less of the scheduling noise that moves req/s."]  # fmt: skip
-    if SWITCHED in r:
-        lines += [
-            "",
-            f"**Tracing on {SWITCHED}** (started with `OTEL_TRACES_EXPORTER=otlp`; before each run the "
-            "TraceSetting RPC sets `trace_level` OFF, or TIMESTAMPS at `trace_rate` 10 or 1): the same process "
-            "measured with and without, so the difference between two server processes (the control above) is "
-            "not in it. Its control switches off against off.",
-            "",
-            "| feature | model | off req/s | on req/s | on ÷ off (per round) | loss | loss net of the control | "
-            "server CPU µs/request off / on | CPU added |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        lines += table_rows(r[SWITCHED], SWITCHED_CONTROL)  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,7 +14,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client, DeadlineExceeded, FerryError, InferRequest, InvalidArgument, NotFound
+from client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FerryError,
+    InferRequest,
+    InvalidArgument,
+    NotFound,
+)
 from client._proto import model_config_pb2
 from tests.serving import running_server
 
@@ -188,6 +197,24 @@ def test_async_client(address: str, reference: Reference) -> None:
             assert "tiny" in {m.name for m in await c.repository_index()}
 
     asyncio.run(main())
+
+
+def test_trace_settings_read_and_change(client: Client) -> None:
+    """This server has no trace exporter: its level reads OFF and cannot be raised, but the rate and count can be
+    set, globally and for one model, and a model's settings dropped again."""
+    settings = client.trace_settings()
+    assert settings["trace_level"] == ["OFF"] and settings["trace_mode"] == ["opentelemetry"]
+    assert client.trace_settings({"trace_rate": "50"})["trace_rate"] == ["50"]
+    assert client.trace_settings({"trace_count": ["7"]}, model="tiny")["trace_count"] == ["7"]
+    assert client.trace_settings(model="tiny")["trace_rate"] == ["50"]  # the global rate shows through
+    assert client.trace_settings({"trace_count": None}, model="tiny")["trace_count"] == ["-1"]
+    with pytest.raises(FailedPrecondition):
+        client.trace_settings({"trace_level": "TIMESTAMPS"})
+    with pytest.raises(InvalidArgument):
+        client.trace_settings({"trace_rate": "often"})
+    with pytest.raises(NotFound):
+        client.trace_settings(model="no_such_model")
+    client.trace_settings({"trace_rate": None})
 
 
 def test_statistics_has_an_entry_for_the_model(client: Client) -> None:
