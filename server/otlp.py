@@ -75,7 +75,7 @@ def _key_value(key: str, value: Any) -> bytes:
     return _field(b"\x0a", key.encode()) + _field(b"\x12", _value(value))
 
 
-_SCALARS = (str, bool, int, float)
+_SCALARS = (str, bool, int)  # not float: -0.0 == 0.0 and nan != nan would mislead the memo
 _MEMO_LIMIT = 4096
 _attribute_memo: dict[tuple[bytes, str, type, Any], bytes] = {}
 """Encoded attributes by (tag, key, type, value): Ferry's spans repeat the same few (model, version, sha256, rpc.*).
@@ -144,23 +144,22 @@ def encode_span(span: ReadableSpan) -> bytes:
     )
     if span.dropped_attributes:
         out += (b"\x50", _varint(span.dropped_attributes))
-    events, links = span.events, span.links
-    for event in events:
+    for event in span.events:
         body = b"\x09" + _U64.pack(event.timestamp) + _field(b"\x12", event.name.encode())
         body += _attributes(b"\x1a", event.attributes)
         if event.dropped_attributes:
             body += b"\x20" + _varint(event.dropped_attributes)
         out.append(_field(b"\x5a", body))
-    if events and span.dropped_events:
+    if span.dropped_events:
         out += (b"\x60", _varint(span.dropped_events))
-    for link in links:
+    for link in span.links:
         linked = link.context
         body = b"\x0a\x10" + linked.trace_id.to_bytes(16, "big") + b"\x12\x08" + linked.span_id.to_bytes(8, "big")
         body += _attributes(b"\x22", link.attributes)
         if link.dropped_attributes:
             body += b"\x28" + _varint(link.dropped_attributes)
         out.append(_field(b"\x6a", body + _LINK_FLAGS[linked.is_remote]))
-    if links and span.dropped_links:
+    if span.dropped_links:
         out += (b"\x70", _varint(span.dropped_links))
     status = span.status
     if status.status_code is StatusCode.UNSET and not status.description:

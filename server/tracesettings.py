@@ -46,12 +46,15 @@ OFF_RATIO = 0.001
 
 
 class _Scope:
-    """Global settings (every field set) or one model's overrides (None: the global value)."""
+    """Global settings (every field set, but ``ratio`` when an unknown sampler decides) or one model's overrides
+    (None: the global value)."""
 
     __slots__ = ("count", "level", "ratio")
 
     def __init__(self, level: str | None = None, ratio: float | None = None, count: int | None = None) -> None:
-        self.level, self.ratio, self.count = level, ratio, count
+        self.level: str | None = level
+        self.ratio: float | None = ratio
+        self.count: int | None = count
 
 
 class Policy:
@@ -72,6 +75,9 @@ class Policy:
 
 
 class TraceSettings:
+    """The global settings, each model's overrides, and the :class:`Policy` each resolves to (recomputed on every
+    update, so the request path only looks one up)."""
+
     def __init__(self, level: str, ratio: float | None, parent_based: bool, can_trace: bool) -> None:
         self.parent_based = parent_based
         self.can_trace = can_trace
@@ -106,28 +112,27 @@ class TraceSettings:
             return self._policies.get(model, self.default)
         return self.default
 
-    def _value(self, scope: _Scope | None, name: str) -> tuple[object, _Scope]:
-        if scope is not None and getattr(scope, name) is not None:
-            return getattr(scope, name), scope
-        return getattr(self._global, name), self._global
+    def _in_force(self, model: str | None) -> tuple[str, float | None, int, _Scope]:
+        """Level, ratio and count in force for ``model`` (its own value of each, else the global one), and the scope
+        whose count is the one that counts down."""
+        own = (self._models.get(model) if model else None) or _Scope()
+        level = own.level if own.level is not None else self._global.level
+        ratio = own.ratio if own.ratio is not None else self._global.ratio
+        counter = own if own.count is not None else self._global
+        assert level is not None and counter.count is not None  # the global scope has every value
+        return level, ratio, counter.count, counter
 
     def _resolve(self, model: str | None) -> Policy:
-        scope = self._models.get(model) if model else None
-        level, _ = self._value(scope, "level")
-        ratio, _ = self._value(scope, "ratio")
-        _, counter = self._value(scope, "count")
-        bound = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(float(ratio))  # type: ignore[arg-type]
+        level, ratio, _, counter = self._in_force(model)
+        bound = None if ratio is None else TraceIdRatioBased.get_bound_for_rate(ratio)
         return Policy(level != "OFF", bound, self.parent_based, counter)
 
     def get(self, model: str | None = None) -> dict[str, list[str]]:
         """The settings in force for ``model`` (None: the global ones), as the RPC reports them."""
-        scope = self._models.get(model) if model else None
-        level, _ = self._value(scope, "level")
-        ratio, _ = self._value(scope, "ratio")
-        count, _ = self._value(scope, "count")
-        out = {"trace_level": [str(level)], "trace_count": [str(count)], "trace_mode": [MODE]}
+        level, ratio, count, _ = self._in_force(model)
+        out = {"trace_level": [level], "trace_count": [str(count)], "trace_mode": [MODE]}
         if ratio is not None:
-            out["trace_rate"] = [str(round(1 / ratio)) if ratio else "0"]  # type: ignore[operator]
+            out["trace_rate"] = [str(round(1 / ratio)) if ratio else "0"]
         return out
 
     def update(self, model: str | None, changes: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

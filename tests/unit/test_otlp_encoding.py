@@ -75,3 +75,15 @@ def test_the_exporter_is_the_sdks_with_its_encoder_replaced() -> None:
         assert exporter._translate_data(spans()) == encode_spans(spans())
     finally:
         exporter.shutdown()
+
+
+def test_repeated_attributes_keep_their_types_and_signs() -> None:
+    """Encoded attributes are reused across spans: a key seen with True must not answer for 1, nor 0.0 for -0.0."""
+    root = context(0x0123456789ABCDEF0123456789ABCDEF, 0x1122334455667788)
+    values: list[Any] = [True, 1, 1, True, 0.0, -0.0, float("nan"), "1", 0, False]
+    batch = [
+        ReadableSpan("s", context(root.trace_id, i + 1), root, RESOURCE, {"v": v}, start_time=i, end_time=i + 1)
+        for i, v in enumerate(values)
+    ]
+    assert ExportTraceServiceRequest.FromString(encode_request(batch)) == encode_spans(batch)
+    assert ExportTraceServiceRequest.FromString(encode_request(batch[::-1])) == encode_spans(batch[::-1])
