@@ -54,9 +54,10 @@ def test_sweep_capacity_and_plan_write_every_report(address: str, tmp_path: Path
     for s in steps:
         lat = s["latency_ms"]
         assert s["ok"] > 0 and s["throughput_rps"] > 0
-        # the search offers more than the server takes on purpose: past capacity only Ferry's retryable
-        # backpressure may answer; everything else must succeed
-        assert s["errors"] == {} or (s["stable"] is False and set(s["errors"]) == {"UNAVAILABLE"}), s["errors"]
+        # the capacity search offers more than the server takes on purpose: there only Ferry's retryable
+        # backpressure may answer instead; the sweep's closed-loop steps must all succeed
+        allowed = {"UNAVAILABLE"} if s["phase"] == "capacity" else set()
+        assert set(s["errors"]) <= allowed, s["errors"]
         assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p99.9"] <= lat["max"] * 1.01
         assert s["rows_per_s"] >= s["throughput_rps"]  # mixed rows: 1..16 rows a request
         server = s["server"]
