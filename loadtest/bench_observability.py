@@ -57,6 +57,12 @@ def otlp_receiver() -> Iterator[tuple[int, Receiver]]:
         server.stop(0)
 
 
+def otlp_env(port: int) -> dict[str, str]:
+    """The environment that points a Ferry's OTLP trace exporter at :func:`otlp_receiver`'s ``port``."""
+    return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
+
+
 @contextlib.contextmanager
 def scraper(port: int, period_s: float = 1.0) -> Iterator[list[int]]:
     """GET /metrics every ``period_s`` until the block ends; yields the sizes of the answers."""
@@ -112,8 +118,7 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
     logged = build_repository(models, work / "logged", LOGGED)
     out: dict[str, Any] = {}
     with otlp_receiver() as (port, receiver), ferry("ferry-baseline", plain, log) as base:
-        otlp = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-                "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
+        otlp = otlp_env(port)
         metrics_port = free_port()
         variants = {
             # A/A: a second Ferry identical to the baseline: the bias of the pairing itself (divided out)

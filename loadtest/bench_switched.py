@@ -26,16 +26,15 @@ import numpy as np
 
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
-from loadtest import wire
 from loadtest.bench import Running, Settings, check_answers, cpu_seconds
 from loadtest.bench_batching import bench_main
-from loadtest.bench_observability import LOGGED, build_repository, config_text, ferry, otlp_receiver
+from loadtest.bench_observability import LOGGED, build_repository, config_text, ferry, otlp_env, otlp_receiver
+from loadtest.generator import WireClient
 
 START, END = "<!-- bench:switched:start -->", "<!-- bench:switched:end -->"
 RATES = {"mlp": 500.0, "tiny": 800.0}
 """Requests per second offered to each model: below its capacity with either feature on (BENCHMARKS.md)."""
 DIMS = {"mlp": 256, "tiny": 16}
-PATH = "/inference.GRPCInferenceService/ModelInfer"
 TICK_S = 0.005
 SETTLE_S = 0.3
 """Load offered after each switch before the measured window opens."""
@@ -62,13 +61,13 @@ def request_bytes(model: str) -> bytes:
     return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
-async def offer(conn: wire.Connection, message: bytes, rate: float, seconds: float) -> tuple[int, int]:
+async def offer(client: WireClient, message: bytes, rate: float, seconds: float) -> tuple[int, int]:
     """``rate`` calls a second for ``seconds`` (sent in ticks of 5 ms, not waiting for answers); (answered, sent)."""
     loop = asyncio.get_running_loop()
     start, sent, calls = loop.time(), 0, []
     while (elapsed := loop.time() - start) < seconds:
         while sent < elapsed * rate:
-            calls.append(asyncio.ensure_future(conn.unary(PATH, message, 10.0)))
+            calls.append(asyncio.ensure_future(client.unary(message, 10.0)))
             sent += 1
         await asyncio.sleep(TICK_S)
     statuses = await asyncio.gather(*calls)
@@ -98,23 +97,24 @@ async def measure_case(
 ) -> dict[str, Any]:
     a, b, reload = CASES[case]
     rate, message = RATES[model], request_bytes(model)
-    conn = await wire.open_connection(server.address)
+    client = WireClient(server.address)
+    await client.ready(10.0)
     try:
         cpu: dict[str, list[float]] = {"a": [], "b": []}
         unanswered = 0
         for i in range(pairs):
             for side, arm in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
                 await asyncio.to_thread(switch, server, repo, model, arm, reload)
-                await offer(conn, message, rate, SETTLE_S)
+                await offer(client, message, rate, SETTLE_S)
                 before = cpu_seconds(server.pid)
-                answered, sent = await offer(conn, message, rate, window_s)
+                answered, sent = await offer(client, message, rate, window_s)
                 after = cpu_seconds(server.pid)
                 if before is None or after is None or not answered:
                     raise RuntimeError(f"cannot measure {server.name}: CPU time {before}..{after}, {answered} answered")
                 unanswered += sent - answered
                 cpu[side].append((after - before) * 1e6 / answered)
     finally:
-        conn.close()
+        await client.close()
     ratios = [y / x for x, y in zip(cpu["a"], cpu["b"], strict=True)]
     mean = statistics.fmean(ratios)
     half_width = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
@@ -131,8 +131,7 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
     repo = build_repository(models, work / "switched")
     out: dict[str, Any] = {}
     with otlp_receiver() as (port, receiver):
-        env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-               "OTEL_EXPORTER_OTLP_INSECURE": "true"}  # fmt: skip
+        env = otlp_env(port)
         flags = ("--prediction-log", str(work / "predictions.jsonl"))
         with ferry("ferry-switched", repo, log, env, *flags) as server:
             for case in CASES:

@@ -41,6 +41,8 @@ LEVELS = ("OFF", "TIMESTAMPS")
 MODE = "opentelemetry"
 TRITON_ONLY = ("trace_file", "log_frequency")
 """Settings of Triton's own trace files, which Ferry does not write (it exports spans: OTEL_TRACES_EXPORTER)."""
+SETTINGS = {"trace_level": "level", "trace_rate": "ratio", "trace_count": "count"}
+"""The settings that can change, by the attribute of a scope that holds each (``trace_mode`` is read-only)."""
 OFF_RATIO = 0.001
 """The ratio a server that started with tracing off samples at once its level is raised (Triton's rate 1000)."""
 
@@ -144,7 +146,7 @@ class TraceSettings:
         scope = self._models.setdefault(model, _Scope()) if model else self._global
         startup_level, startup_ratio = self._startup
         for name, value in parsed.items():
-            attr = {"trace_level": "level", "trace_rate": "ratio", "trace_count": "count"}.get(name)
+            attr = SETTINGS.get(name)
             if attr is None:  # trace_mode: nothing to change
                 continue
             if value is None and not model:  # a global key with no value: back to its startup value
@@ -164,7 +166,7 @@ def _parse(name: str, values: list[str]) -> object:
             f"trace setting {name!r} belongs to Triton's trace files; Ferry exports OpenTelemetry spans "
             "(OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_ENDPOINT)"
         )
-    if name not in ("trace_level", "trace_rate", "trace_count", "trace_mode"):
+    if name not in SETTINGS and name != "trace_mode":
         raise InvalidArgument(f"unknown trace setting {name!r}: trace_level, trace_rate, trace_count or trace_mode")
     if not values:
         return None
