@@ -33,33 +33,46 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import hpack
+from server.http2 import (  # the echo servers and tests use these through this module too
+    ACK,
+    CONTINUATION,
+    DATA,
+    DEFAULT_FRAME,
+    DEFAULT_WINDOW,
+    ENABLE_PUSH,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADER_TABLE_SIZE,
+    HEADERS,
+    INITIAL_WINDOW_SIZE,
+    MAX_CONCURRENT_STREAMS,
+    MAX_FRAME_SIZE,
+    PADDED,
+    PING,
+    PREFACE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    STATUS_NAMES,
+    U32,
+    WINDOW_UPDATE,
+    HeaderBlocks,
+    frame,
+    frames,
+    grpc_timeout,
+    literal,
+    messages,
+    percent_decoded,
+)  # fmt: skip
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
-DEFAULT_WINDOW = 65_535  # RFC 9113 §6.9.2, until the server's SETTINGS say otherwise
-DEFAULT_FRAME = 16_384
 RECEIVE_WINDOW = 1 << 24
 """The receive window we open per stream and for the connection (16 MiB); consumed halves are given back."""
 REFUSED_RETRIES = 10
-DECODED_BLOCKS = 256
-"""Distinct header blocks remembered decoded (replies repeat a handful; error messages vary)."""
 SWEEP_S = 0.05
 """How often calls past their deadline are looked for."""
 
-FRAME_HEADER = struct.Struct(">BHBBI")  # length (24 bits: high byte, low 16), type, flags, stream id
-SETTING = struct.Struct(">HI")
-U32 = struct.Struct(">I")
-
-# gRPC's status codes by number (the names grpc.StatusCode uses), and HTTP/2 error codes mapped to them
-STATUS_NAMES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-)  # fmt: skip
-REFUSED_STREAM = 7
 _RESET_STATUS = {
     REFUSED_STREAM: "UNAVAILABLE",
     8: "CANCELLED",
@@ -68,40 +81,6 @@ _RESET_STATUS = {
 }  # fmt: skip  (every other code: INTERNAL)
 _HTTP_STATUS = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSION_DENIED", b"404": "UNIMPLEMENTED",
                 b"429": "UNAVAILABLE", b"502": "UNAVAILABLE", b"503": "UNAVAILABLE", b"504": "UNAVAILABLE"}  # fmt: skip
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return FRAME_HEADER.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    """HPACK's integer representation (RFC 7541 §5.1); ``first`` holds the bits above the prefix."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = [first | limit]
-    value -= limit
-    while value >= 128:
-        out.append((value & 127) | 128)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def literal(name: bytes | int, value: bytes) -> bytes:
-    """A literal header field without indexing (RFC 7541 §6.2.2); ``name`` a static-table index or a new name."""
-    head = _hpack_int(name, 4) if isinstance(name, int) else b"\x00" + _hpack_int(len(name), 7) + name
-    return head + _hpack_int(len(value), 7) + value
-
-
-def grpc_timeout(seconds: float) -> bytes:
-    """The ``grpc-timeout`` header value: at most 8 digits and a unit, rounded up."""
-    for unit, scale in ((b"u", 1e6), (b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60), (b"H", 1 / 3600)):
-        amount = -int(-seconds * scale // 1)
-        if amount < 100_000_000:
-            return str(max(amount, 1)).encode() + unit
-    return b"99999999H"
 
 
 def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes:
@@ -117,81 +96,6 @@ def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes
     if timeout_s is not None:
         block += literal(b"grpc-timeout", grpc_timeout(timeout_s))
     return block
-
-
-def frames(buf: bytearray, start: int = 0) -> list[tuple[int, int, int, bytes]]:
-    """The complete frames in ``buf`` from ``start`` on, as (type, flags, stream id, payload), removed from it (with
-    whatever came before ``start``); an incomplete frame stays for the next read."""
-    out = []
-    pos, size = start, len(buf)
-    while size - pos >= 9:
-        high, low, kind, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
-        end = pos + 9 + (high << 16 | low)
-        if end > size:
-            break
-        out.append((kind, flags, stream_id & 0x7FFFFFFF, bytes(buf[pos + 9 : end])))
-        pos = end
-    del buf[:pos]
-    return out
-
-
-def messages(buf: bytearray) -> list[bytes]:
-    """The complete gRPC messages (a 5-byte prefix: compressed flag, length) at the front of ``buf``, removed from
-    it; a partial one stays."""
-    out = []
-    while len(buf) >= 5:
-        size = U32.unpack_from(buf, 1)[0]
-        if len(buf) < 5 + size:
-            break
-        out.append(bytes(buf[5 : 5 + size]))
-        del buf[: 5 + size]
-    return out
-
-
-class HeaderBlocks:
-    """Header blocks as frames carry them: a HEADERS frame (padding and priority stripped) and the CONTINUATION
-    frames that finish it, decoded with hpack. Once the peer has shrunk its HPACK table to the 0 bytes we allow, a
-    block's meaning depends on its bytes alone (static-table references and literals), so the same headers and
-    trailers, sent again and again, are decoded once (hpack's decoder costs ~20 µs a block here)."""
-
-    def __init__(self) -> None:
-        self._decoder = hpack.Decoder()
-        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._pending: tuple[int, int, bytearray] | None = None  # a block waiting for CONTINUATION
-
-    def feed(
-        self, kind: int, flags: int, stream_id: int, payload: bytes
-    ) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
-        """A HEADERS or CONTINUATION frame; once its block is complete, (stream id, the HEADERS frame's flags, the
-        fields), else None."""
-        if kind == HEADERS:
-            if flags & PADDED:
-                payload = payload[1 : len(payload) - payload[0]]
-            if flags & PRIORITY:
-                payload = payload[5:]
-            if not flags & END_HEADERS:
-                self._pending = (stream_id, flags, bytearray(payload))
-                return None
-            return stream_id, flags, self._fields(payload)
-        if self._pending is None:  # a CONTINUATION with no block open
-            return None
-        self._pending[2].extend(payload)
-        if not flags & END_HEADERS:
-            return None
-        stream_id, flags, block = self._pending
-        self._pending = None
-        return stream_id, flags, self._fields(bytes(block))
-
-    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        table = self._decoder.header_table
-        if table.maxsize == 0:
-            fields = self._decoded.get(block)
-            if fields is not None:
-                return fields
-        fields = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
-        if table.maxsize == 0 and len(self._decoded) < DECODED_BLOCKS:
-            self._decoded[block] = fields
-        return fields
 
 
 class CallError(Exception):
@@ -510,7 +414,7 @@ class Connection(asyncio.Protocol):
                 code = int(value)
                 stream.status = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else "UNKNOWN"
             elif name == b"grpc-message":
-                stream.message = _percent_decoded(value)
+                stream.message = percent_decoded(value)
             elif name == b":status":
                 stream.http_status = value
         if flags & END_STREAM:
@@ -525,15 +429,6 @@ class Connection(asyncio.Protocol):
             self._end(stream, _HTTP_STATUS.get(stream.http_status, "UNKNOWN"), f"HTTP status {status}")
         else:
             self._end(stream, "INTERNAL", "the reply ended without a grpc-status")
-
-
-def _percent_decoded(value: bytes) -> str:
-    """``grpc-message`` is percent-encoded UTF-8."""
-    if b"%" not in value:
-        return value.decode(errors="replace")
-    from urllib.parse import unquote_to_bytes
-
-    return unquote_to_bytes(value).decode(errors="replace")
 
 
 class Call:

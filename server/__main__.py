@@ -11,7 +11,7 @@ from pathlib import Path
 from client.errors import FerryError
 from server import __version__
 from server.app import run, serve
-from server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, ServerConfig
+from server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port, -1 = off (default 8000)")
     s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message (64 MiB)")
     s.add_argument("--max-pending-calls", type=int, default=4096, help="calls gRPC holds for Ferry to pick up (4096)")
+    s.add_argument("--transport", choices=TRANSPORTS, default="ferry", help="what carries gRPC (default ferry)")
     s.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     s.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its default)")
     s.add_argument("--graph-optimization-level", choices=GRAPH_OPTIMIZATION_LEVELS, default="all")
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_port=None if args.http_port < 0 else args.http_port,
             max_message_bytes=args.max_message_bytes,
             max_pending_calls=args.max_pending_calls,
+            transport=args.transport,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
             graph_optimization_level=args.graph_optimization_level,

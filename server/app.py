@@ -1,4 +1,5 @@
-"""Composition root: builds the gRPC and HTTP listeners around one model repository.
+"""Composition root: builds the gRPC and HTTP listeners around one model repository. gRPC is carried by Ferry's own
+HTTP/2 transport (:mod:`server.transport`) or, with ``transport="grpcio"``, by grpc.aio.
 
 Creating the server (:meth:`FerryServer.start`, which returns once models are loaded and the ports are bound) is
 separate from running it until a signal (:func:`serve`), so tests start it on port 0 and stop it in ``finally``.
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client.core import Metric
 
 from client._proto import POOL, ferry_pb2_grpc
@@ -33,6 +34,7 @@ from server.predlog import PredictionLog, PredictionLogSettings
 from server.repository import ModelRepository
 from server.servicer import SERVICE_NAME, InferenceServicer
 from server.telemetry import Tracing
+from server.transport import Services, Transport
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class FerryServer:
         self._draining = False
         self._http_runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
+        self._transport: Transport | None = None
         self._models_with_health: set[str] = set()
 
     def is_ready(self) -> bool:
@@ -74,6 +77,44 @@ class FerryServer:
 
     async def start(self) -> None:
         """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
+        self.monitoring.loop = asyncio.get_running_loop()
+        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
+        self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
+        self.metrics.extras.append(self._monitoring_metrics)
+        self._registry = registry_for(self.metrics)
+        if self.config.transport == "ferry":
+            await self._start_ferry_transport(servicer)
+        else:
+            await self._start_grpcio(servicer)
+        await self.update_health()  # NOT_SERVING while models load
+        if self.config.http_port is not None:
+            await self._start_http(self.config.http_port)
+        await asyncio.to_thread(self.repository.load_all)
+        await self.update_health()
+
+    def _register(self, servicer: InferenceServicer, server: Any) -> None:
+        """Every gRPC service Ferry serves, on either transport (both take generated code's registrations)."""
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
+            OutcomeServicer(self.monitoring.outcomes, self.tracing), server
+        )
+        services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(services, pool=POOL), server
+        )
+
+    async def _start_ferry_transport(self, servicer: InferenceServicer) -> None:
+        services = Services()
+        self._register(servicer, services)
+        self._transport = Transport(services, self.config.max_message_bytes, self.config.max_pending_calls)
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port)
+        except OSError as err:
+            raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
+
+    async def _start_grpcio(self, servicer: InferenceServicer) -> None:
         limit, pending = self.config.max_message_bytes, self.config.max_pending_calls
         self._grpc = server = grpc.aio.server(
             options=[
@@ -84,18 +125,7 @@ class FerryServer:
                 ("grpc.server.max_pending_requests_hard_limit", pending),
             ]
         )
-        self.monitoring.loop = asyncio.get_running_loop()
-        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
-        self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
-        self.metrics.extras.append(self._monitoring_metrics)
-        self._registry = registry_for(self.metrics)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
-            OutcomeServicer(self.monitoring.outcomes, self.tracing), server
-        )
-        services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(services, server, pool=POOL)
+        self._register(servicer, server)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             self.grpc_port = server.add_insecure_port(address)
@@ -104,11 +134,6 @@ class FerryServer:
         if self.grpc_port == 0:
             raise Unavailable(f"cannot bind gRPC to {address}")
         await server.start()
-        await self.update_health()  # NOT_SERVING while models load
-        if self.config.http_port is not None:
-            await self._start_http(self.config.http_port)
-        await asyncio.to_thread(self.repository.load_all)
-        await self.update_health()
 
     async def _start_http(self, port: int) -> None:
         app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry))
@@ -142,8 +167,11 @@ class FerryServer:
         self._draining = True
         with contextlib.suppress(Exception):
             await self.update_health()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._grpc is not None:
-            await self._grpc.stop(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            await self._grpc.stop(grace)
+        if self._transport is not None:
+            await self._transport.stop(grace)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.repository.close()

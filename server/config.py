@@ -12,6 +12,7 @@ from client.errors import InvalidArgument
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
+TRANSPORTS = ("ferry", "grpcio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,14 @@ class ServerConfig:
     waits there, out of reach of Ferry's queues. Left at grpc-core's defaults (1,000 soft, 3,000 hard), calls past
     1,000 were dropped at random with a bare CANCELLED, which clients do not retry: 3-4% of a burst of 1,500 calls
     and a third of 4,000 on this machine. Here soft and hard limit are both this value, so Ferry's own admission
-    (a full queue: UNAVAILABLE, retryable) decides below it; past it gRPC still cancels, which bounds memory."""
+    (a full queue: UNAVAILABLE, retryable) decides below it; past it gRPC still cancels, which bounds memory.
+    On Ferry's own transport, which picks every call up as it arrives, it is the streams one connection may have
+    open at once (SETTINGS_MAX_CONCURRENT_STREAMS): gRPC clients queue calls past it, and a stream opened anyway is
+    refused (REFUSED_STREAM, which gRPC clients retry)."""
+
+    transport: str = "ferry"
+    """What carries gRPC: "ferry", Ferry's own HTTP/2 transport (:mod:`server.transport`: 2-3x the calls per
+    second of grpcio's on the same cores), or "grpcio", grpc.aio's server."""
 
     intra_op_threads: int = 0
     """onnxruntime threads inside one operator (0 = onnxruntime's default: one per physical core)."""
@@ -101,6 +109,8 @@ class ServerConfig:
             raise InvalidArgument(f"http_port must be in 0..65535 or None, got {self.http_port}")
         if not (1024 <= self.max_message_bytes <= 2**31 - 1):
             raise InvalidArgument(f"max_message_bytes must be in 1024..2147483647, got {self.max_message_bytes}")
+        if self.transport not in TRANSPORTS:
+            raise InvalidArgument(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if not (1 <= self.max_pending_calls <= 1_000_000):
             raise InvalidArgument(f"max_pending_calls must be in 1..1000000, got {self.max_pending_calls}")
         for name in ("intra_op_threads", "inter_op_threads"):
