@@ -1,8 +1,7 @@
-"""What grpcio costs: the bare echo server on grpc.aio (``loadtest/echo.py``, the ceiling E the batching benchmarks
-divide Ferry by) against the same answers over HTTP/2 written by hand (``loadtest/h2echo.py``), and Ferry on grpc.aio
-against Ferry's own request path over that hand-written HTTP/2 (``loadtest/h2ferry.py``), all under perf_analyzer:
-``tiny`` unary at concurrency 1 and 16 and streaming at 16 (the hand-written Ferry does not stream), ``mlp`` unary at
-64.
+"""What the transport costs: the bare echo server on grpc.aio (``loadtest/echo.py``, the ceiling E the batching
+benchmarks divide Ferry by) against the same answers over HTTP/2 written by hand (``loadtest/h2echo.py``), and Ferry
+on grpc.aio (``--transport grpcio``) against Ferry on its own transport (``server/transport.py``, the default), all
+under perf_analyzer: ``tiny`` unary at concurrency 1 and 16 and streaming at 16, ``mlp`` unary at 64.
 
     python -m loadtest.bench_transport --models examples/models --out bench-out [--doc BENCHMARKS.md] [--rounds 2]
 
@@ -32,15 +31,9 @@ from loadtest.bench import (
 )  # fmt: skip
 from loadtest.bench_batching import BATCHED, build_repository, run
 
-
-def h2ferry_command(models: Path) -> list[str]:
-    return [sys.executable, "-m", "loadtest.h2ferry", "--model-repository", str(models), "--host", "127.0.0.1",
-            "--port", "0"]  # fmt: skip
-
-
 START, END = "<!-- bench:transport:start -->", "<!-- bench:transport:end -->"
 CASES = (("tiny", "unary", 1), ("tiny", "unary", 16), ("tiny", "stream", 16), ("mlp", "unary", 64))
-SERVERS = ("echo", "h2echo", "ferry", "h2ferry")
+SERVERS = ("echo", "h2echo", "ferry-grpcio", "ferry")
 
 
 def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str, Any]:
@@ -49,16 +42,16 @@ def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str,
     with (
         serving("echo", echo_command(repo, "tiny"), "echo ready:", log) as echo,
         serving("h2echo", h2echo_command(repo, "tiny"), "echo ready:", log) as h2echo,
+        serving("ferry-grpcio", [*ferry_command(repo), "--transport", "grpcio"], "ferry ready:", log) as on_grpcio,
         serving("ferry", ferry_command(repo), "ferry ready:", log) as ferry,
-        serving("h2ferry", h2ferry_command(repo), "ferry ready:", log) as h2ferry,
     ):
-        for server in (ferry, h2ferry):
+        for server in (on_grpcio, ferry):
             for model in ("tiny", "mlp"):
                 check_answers(server, model)
         for model, mode, concurrency in CASES:
-            servers = [echo, h2echo, ferry] + ([h2ferry] if mode == "unary" else [])
+            servers = [echo, h2echo, on_grpcio, ferry]
             if model == "mlp":  # the echo servers describe tiny only
-                servers = [ferry, h2ferry]
+                servers = [on_grpcio, ferry]
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
             for r in range(settings.rounds):
                 k = r % len(servers)
@@ -80,13 +73,13 @@ def render(results: dict[str, Any]) -> str:
         f"Command: `{results['command']}` ({results['duration_s']:.0f} s). perf_analyzer, windows of "
         f"{s['measurement_ms']} ms x {s['trials']}, {s['rounds']} round(s), the servers taking turns in "
         "rotating order (the echo servers describe `tiny` only). *E* is the bare grpc.aio echo server, *H* the same "
-        "answers over hand-written HTTP/2 "
-        "(`loadtest/h2echo.py`), *Ferry* the real server on grpc.aio (`dynamic_batching { }`), *Ferry-H* Ferry's "
-        "servicer and request path over the same hand-written HTTP/2 (`loadtest/h2ferry.py`, unary only).",
+        "answers over hand-written HTTP/2 (`loadtest/h2echo.py`), *Ferry-g* the real server on grpc.aio "
+        "(`--transport grpcio`), *Ferry* the real server on its own transport (`server/transport.py`, the default); "
+        "both with `dynamic_batching { }`.",
         "",
-        "| case | E req/s | H req/s | Ferry req/s | Ferry-H req/s | H ÷ E | Ferry ÷ E | Ferry-H ÷ Ferry "
-        "| p50 µs E / H / Ferry / Ferry-H |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | E req/s | H req/s | Ferry-g req/s | Ferry req/s | H ÷ E | Ferry-g ÷ E | Ferry ÷ E | Ferry ÷ Ferry-g "
+        "| p50 µs E / H / Ferry-g / Ferry |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def figure(case: dict[str, Any], name: str, key: str = "infer_per_s") -> str:
@@ -103,7 +96,8 @@ def render(results: dict[str, Any]) -> str:
         p50 = " / ".join(figure(c, n, "p50_us") for n in SERVERS)
         lines.append(
             f"| {model} {mode}, c{concurrency} | {rates} | {ratio(c, 'h2echo', 'echo')} "
-            f"| {ratio(c, 'ferry', 'echo').strip('*')} | {ratio(c, 'h2ferry', 'ferry')} | {p50} |"
+            f"| {ratio(c, 'ferry-grpcio', 'echo').strip('*')} | {ratio(c, 'ferry', 'echo')} "
+            f"| {ratio(c, 'ferry', 'ferry-grpcio')} | {p50} |"
         )
     return "\n".join(lines)
 
