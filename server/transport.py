@@ -117,7 +117,7 @@ WRITE_HIGH_WATER = 1 << 20
 # reply header blocks: literal fields without indexing, so the client's HPACK state never changes
 _OK_HEADERS = b"\x88" + literal(31, b"application/grpc")  # :status 200 (static 8), content-type (static 31)
 _OK_TRAILERS = literal(b"grpc-status", b"0")
-_ENCODINGS = b"identity,deflate,gzip"
+_ENCODINGS = "identity,deflate,gzip"
 _RESERVED = frozenset(
     {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding", b"content-length"}
 )
@@ -565,13 +565,17 @@ class _Connection(asyncio.Protocol):
                 raise ProtocolError(FRAME_SIZE_ERROR, "WINDOW_UPDATE of the wrong size")
             self._window_update(stream_id, U32.unpack(payload)[0] & 0x7FFFFFFF)
         elif kind == PING:
-            if len(payload) != 8 or stream_id != 0:
-                raise ProtocolError(FRAME_SIZE_ERROR, "a malformed PING")
+            if stream_id != 0:
+                raise ProtocolError(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                raise ProtocolError(FRAME_SIZE_ERROR, "a PING of the wrong size")
             if not flags & ACK:
                 self.out.append(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
-            if len(payload) != 4 or stream_id == 0:
-                raise ProtocolError(PROTOCOL_ERROR, "a malformed RST_STREAM")
+            if stream_id == 0:
+                raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            if len(payload) != 4:
+                raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM of the wrong size")
             self._reset(stream_id)
         elif kind == GOAWAY:
             self.going_away()  # the client will open no more streams: finish these, then it closes
@@ -619,12 +623,17 @@ class _Connection(asyncio.Protocol):
         self.reset_at = now
         self.blocked.pop(stream_id, None)
         self._drop(stream)
+        self.server.changed()
         if self.reset_tokens < 0:
             raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams cancelled")
 
     def _headers(self, stream_id: int, flags: int, fields: list[tuple[bytes, bytes]]) -> None:
+        if stream_id == 0:
+            raise ProtocolError(PROTOCOL_ERROR, "HEADERS on stream 0")
         stream = self.streams.get(stream_id)
-        if stream is not None or stream_id <= self.last_stream:  # trailers (or a late frame of an ended stream)
+        if stream is not None or stream_id <= self.last_stream:  # trailers (or late ones, of a stream that ended)
+            if stream is None and any(key[:1] == b":" for key, _ in fields):
+                raise ProtocolError(PROTOCOL_ERROR, f"a new stream {stream_id} below stream {self.last_stream}")
             if stream is not None and not stream.remote_done:
                 if not flags & END_STREAM:
                     raise ProtocolError(PROTOCOL_ERROR, "trailers without END_STREAM")
@@ -652,6 +661,7 @@ class _Connection(asyncio.Protocol):
                 seconds = parse_grpc_timeout(value)
                 if seconds is not None:
                     stream.deadline = self.loop.time() + seconds
+                    stream.timer = self.loop.call_at(stream.deadline, self._expired, stream)
             elif key == b"grpc-encoding":
                 stream.encoding = value
         if method != b"POST" or not content_type.startswith(b"application/grpc"):
@@ -661,7 +671,8 @@ class _Connection(asyncio.Protocol):
             self._end(stream, grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path.decode(errors='replace')}")
         elif stream.encoding not in (b"", b"identity", b"gzip", b"deflate"):
             encoding = stream.encoding.decode(errors="replace")
-            self._end(stream, grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding} is not supported")
+            accepted = (("grpc-accept-encoding", _ENCODINGS),)
+            self._end(stream, grpc.StatusCode.UNIMPLEMENTED, f"grpc-encoding {encoding} is not supported", accepted)
         else:
             stream.method = found
             stream.context = Context(self, stream)
@@ -785,8 +796,6 @@ class _Connection(asyncio.Protocol):
         except StopIteration:
             return
         stream.task = self.loop.create_task(_resumed(coro, waiting), context=context)
-        if stream.deadline is not None and not stream.closed:
-            stream.timer = self.loop.call_at(stream.deadline, self._expired, stream)
 
     async def _call(self, stream: _Stream, request: Any) -> None:
         method, context = stream.method, stream.context
@@ -797,11 +806,16 @@ class _Connection(asyncio.Protocol):
                 if inspect.isasyncgen(result):
                     async for reply in result:
                         await context.write(reply)
-                else:
+                elif inspect.isawaitable(result):
                     await result
+                elif result is not None:  # a plain handler's iterator of replies
+                    for reply in result:
+                        await context.write(reply)
                 self._end(stream, context._code or grpc.StatusCode.OK, context._details, context._trailing)
             else:
-                reply = await method.behavior(request, context)
+                reply = method.behavior(request, context)
+                if inspect.isawaitable(reply):
+                    reply = await reply
                 code = context._code or grpc.StatusCode.OK
                 if code != grpc.StatusCode.OK:
                     self._end(stream, code, context._details, context._trailing)
