@@ -141,7 +141,7 @@ class _Method:
         self.behavior = (handler.unary_unary, handler.unary_stream, handler.stream_unary, handler.stream_stream)[
             self.kind
         ]
-        self.deserialize: Callable[[bytes], Any] = handler.request_deserializer or bytes
+        self.deserialize: Callable[[Any], Any] = handler.request_deserializer or bytes  # bytes or a memoryview
         self.serialize: Callable[[Any], bytes] = handler.response_serializer or bytes
 
 
@@ -485,8 +485,11 @@ class _Connection(asyncio.Protocol):
             start, self.started = len(PREFACE), True
             del buf[:start]
         self.reading = True
+        view = memoryview(buf)  # DATA payloads are handed on as views: a large message is copied once, into its body
+        pos = 0
+        payload: bytes | memoryview = b""
         try:
-            pos, size = 0, len(buf)
+            size = len(buf)
             while size - pos >= 9:
                 length = buf[pos] << 16 | buf[pos + 1] << 8 | buf[pos + 2]
                 if length > FRAME_LIMIT:
@@ -495,18 +498,24 @@ class _Connection(asyncio.Protocol):
                 if end > size:
                     break
                 kind, flags, stream_id = buf[pos + 3], buf[pos + 4], U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
-                payload = bytes(buf[pos + 9 : end])
+                payload = view[pos + 9 : end] if kind == DATA else bytes(view[pos + 9 : end])
                 pos = end
                 self._frame(kind, flags, stream_id, payload)
                 if self.transport is None:
                     return
-            del buf[:pos]
+            del payload
+            view.release()
+            try:
+                del buf[:pos]
+            except BufferError:  # a view of it outlived its frame: start a new buffer instead
+                self.buffer = bytearray(buf[pos:])
             if self.received >= CONNECTION_WINDOW // 2:
                 self.out.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.received)))
                 self.received = 0
         except ProtocolError as err:
             self._goaway(err.code, str(err))
         finally:
+            view.release()
             self.reading = False
             self._write_out()
 
@@ -545,7 +554,8 @@ class _Connection(asyncio.Protocol):
 
     # --- frames ----------------------------------------------------------------------------------------------------
 
-    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: Any) -> None:
+        """One frame; ``payload`` is bytes, or a memoryview for DATA (valid only during this call)."""
         opened = self.headers.open_block
         if opened is not None and (kind != CONTINUATION or stream_id != opened):
             raise ProtocolError(PROTOCOL_ERROR, "a frame inside a header block")
@@ -682,7 +692,7 @@ class _Connection(asyncio.Protocol):
         if ending:
             self._remote_end(stream)
 
-    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+    def _data(self, flags: int, stream_id: int, payload: bytes | memoryview) -> None:
         counted = len(payload)
         self.received += counted
         if self.received > CONNECTION_WINDOW:
@@ -703,13 +713,18 @@ class _Connection(asyncio.Protocol):
             raise ProtocolError(PROTOCOL_ERROR, f"DATA on stream {stream_id} after its END_STREAM")
         ending = bool(flags & END_STREAM)
         stream.remote_done = ending
-        if not stream.closed:
+        if stream.closed:
+            if ending:
+                self._forget(stream)
+        elif ending and stream.requests is None and not stream.body and stream.method is not None:
+            self._unary(stream, payload)  # the usual small call: its one message in one frame, read from the frame
+        else:
             body = stream.body
             body += payload
             self._messages(stream)
             self.credit(stream)
-        if ending:
-            self._remote_end(stream)
+            if ending:
+                self._remote_end(stream)
 
     def credit(self, stream: _Stream) -> None:
         """Give the stream's window back once half of it is used, unless the handler has half a window of messages
@@ -743,7 +758,7 @@ class _Connection(asyncio.Protocol):
                 return
             stream.requests.put(request, 5 + size)
 
-    def _parse(self, stream: _Stream, compressed: int, data: bytes) -> Any:
+    def _parse(self, stream: _Stream, compressed: int, data: bytes | memoryview) -> Any:
         """A message's bytes to the request object; None (the call ended) when they cannot be read."""
         if compressed:
             if stream.encoding in (b"", b"identity"):
@@ -776,13 +791,18 @@ class _Connection(asyncio.Protocol):
             return
         if stream.method is None:
             return
-        body = stream.body
-        if len(body) < 5 or len(body) != 5 + U32.unpack_from(body, 1)[0]:
+        body, stream.body = stream.body, bytearray()
+        self._unary(stream, memoryview(body))
+
+    def _unary(self, stream: _Stream, body: bytes | memoryview) -> None:
+        """A unary call's whole body, at its END_STREAM: exactly one message, which the handler gets."""
+        size = U32.unpack_from(body, 1)[0] if len(body) >= 5 else -1
+        if size > self.max_message:
+            message = f"Received message larger than max ({size} vs. {self.max_message})"
+            self._end(stream, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        elif len(body) != 5 + size:
             self._end(stream, grpc.StatusCode.INTERNAL, "a unary call needs exactly one request message")
-            return
-        request = self._parse(stream, body[0], bytes(body[5:]))
-        stream.body = bytearray()
-        if request is not None:
+        elif (request := self._parse(stream, body[0], body[5:])) is not None:
             self._run(stream, request)
 
     # --- running handlers ------------------------------------------------------------------------------------------

@@ -851,12 +851,16 @@ def echo() -> Iterator[Echo]:
             raise
         raise AssertionError("unreachable")
 
+    async def reverse(request: bytes, context: Any) -> bytes:
+        return request[::-1]
+
     async def chat(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
         async for message in requests:
             yield message[::-1]
 
     unary = grpc.unary_unary_rpc_method_handler
-    handlers = {"Metadata": unary(metadata), "Remaining": unary(remaining), "Boom": unary(boom), "Wait": unary(wait)}
+    handlers = {"Metadata": unary(metadata), "Remaining": unary(remaining), "Boom": unary(boom), "Wait": unary(wait),
+                "Reverse": unary(reverse)}  # fmt: skip
     services = Services()
     services.add_generic_rpc_handlers(
         [
@@ -865,7 +869,7 @@ def echo() -> Iterator[Echo]:
             )
         ]
     )
-    transport = Transport(services, max_message_bytes=MiB, max_concurrent_streams=16)
+    transport = Transport(services, max_message_bytes=16 * MiB, max_concurrent_streams=16)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="transport-test", daemon=True)
     thread.start()
@@ -928,3 +932,14 @@ def test_a_bidirectional_stream_through_grpcio(echo: Echo) -> None:
         chat = channel.stream_stream("/ferry.test.Echo/Chat")
         sent = [b"abc", b"", bytes(range(256)) * 1200, b"12345"]  # 300 KiB: past the windows
         assert list(chat(iter(sent), timeout=10)) == [m[::-1] for m in sent]
+
+
+def test_messages_of_megabytes_cross_both_ways(echo: Echo) -> None:
+    """A unary request and reply of 6 MiB, several times the 1 MiB stream window each way (the request's window is
+    given back as it arrives, the reply waits for grpcio's WINDOW_UPDATEs); three at once on one connection."""
+    options = [("grpc.max_send_message_length", 16 * MiB), ("grpc.max_receive_message_length", 16 * MiB)]
+    with grpc.insecure_channel(echo.address, options=options) as channel:
+        reverse = channel.unary_unary("/ferry.test.Echo/Reverse")
+        sent = [bytes([i]) * 1000 + bytes(range(256)) * (6 * MiB // 256) for i in range(3)]
+        calls = [reverse.future(m, timeout=30) for m in sent]
+        assert [c.result() for c in calls] == [m[::-1] for m in sent]
