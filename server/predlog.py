@@ -292,7 +292,7 @@ class PredictionLog:
         if self._thread.is_alive():
             log.warning("prediction log %s: the writer did not finish within %.1fs", self.path, timeout_s)
             return
-        # A record() that saw the log open while close() ran may have queued behind the end marker.
+        # A record() that saw the log open while close() ran may have appended after the writer's last drain.
         with self._count_lock:
             self.dropped += len(self._entries)
 

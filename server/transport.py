@@ -859,15 +859,18 @@ class _Connection(asyncio.Protocol):
     def _expired(self, stream: _Stream) -> None:
         stream.timer = None
         if not stream.closed:
-            self._end(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            self._write_out()
+            self._end(stream, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # emit() flushes it
 
     def _drop(self, stream: _Stream) -> None:
         """The call is over without a reply (reset, lost connection): stop its handler."""
         stream.closed = True
         if stream.timer is not None:
             stream.timer.cancel()
-        if stream.task is not None and not stream.task.done():
+        self._stop_handler(stream)
+
+    def _stop_handler(self, stream: _Stream) -> None:
+        """Cancel the call's handler (unless it is the one ending the call) and wake whatever it waits on here."""
+        if stream.task is not None and not stream.task.done() and asyncio.current_task() is not stream.task:
             stream.task.cancel()
         if stream.writable is not None and not stream.writable.done():
             stream.writable.set_result(None)
@@ -962,12 +965,7 @@ class _Connection(asyncio.Protocol):
     def _closed(self, stream: _Stream) -> None:
         """Our side of the stream is done: stop the handler if it still runs; forget the stream once the client's
         side is done too (or tell it to stop sending)."""
-        if stream.task is not None and not stream.task.done() and asyncio.current_task() is not stream.task:
-            stream.task.cancel()
-        if stream.writable is not None and not stream.writable.done():
-            stream.writable.set_result(None)
-        if stream.requests is not None:
-            stream.requests.end()
+        self._stop_handler(stream)
         if not stream.remote_done:
             self.emit(frame(RST_STREAM, 0, stream.id, U32.pack(NO_ERROR)))
         self._forget(stream)

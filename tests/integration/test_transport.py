@@ -5,6 +5,7 @@ broken or hostile clients), plus grpcio where a normal client is the right tool.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gzip
 import shutil
@@ -776,17 +777,26 @@ def test_a_stream_call_answers_each_request_and_ends_ok(conn: RawConn) -> None:
 # --- graceful shutdown -----------------------------------------------------------------------------------------------
 
 
+def stop_with_a_call_in_flight(
+    running: BackgroundServer, conn: RawConn, request_id: str
+) -> tuple[int, float, concurrent.futures.Future[None]]:
+    """Queue an mlp call in its batching window, start ``stop(5.0)`` and wait for its GOAWAY: (the call's stream,
+    when stop began, stop's future)."""
+    sid = conn.call(INFER, grpc_message(mlp_request(request_id).SerializeToString()))
+    conn.ping()  # queued in mlp's window
+    started = time.monotonic()
+    stopped = asyncio.run_coroutine_threadsafe(running.server.stop(5.0), running.loop)
+    conn.pump(lambda: conn.goaway is not None)
+    return sid, started, stopped
+
+
 def test_shutdown_ends_as_soon_as_the_last_call_is_cancelled(example_repo: Path, tmp_path: Path) -> None:
     """A call reset by its client during the grace period counts as finished: the server does not wait it out."""
     with (
         background_server(repository(example_repo, tmp_path), http_port=None) as running,
         RawConn(running.address) as conn,
     ):
-        sid = conn.call(INFER, grpc_message(mlp_request("to-cancel").SerializeToString()))
-        conn.ping()  # queued in mlp's window
-        started = time.monotonic()
-        stopped = asyncio.run_coroutine_threadsafe(running.server.stop(5.0), running.loop)
-        conn.pump(lambda: conn.goaway is not None)
+        sid, started, stopped = stop_with_a_call_in_flight(running, conn, "to-cancel")
         conn.send(frame(RST_STREAM, 0, sid, U32.pack(CANCEL)))
         conn.read_to_eof()
         stopped.result(5)
@@ -800,11 +810,7 @@ def test_shutdown_sends_goaway_serves_the_calls_in_flight_and_refuses_new_stream
         background_server(repository(example_repo, tmp_path), http_port=None) as running,
         RawConn(running.address) as conn,
     ):
-        sid = conn.call(INFER, grpc_message(mlp_request("in-flight").SerializeToString()))
-        conn.ping()  # queued in mlp's window
-        started = time.monotonic()
-        stopped = asyncio.run_coroutine_threadsafe(running.server.stop(5.0), running.loop)
-        conn.pump(lambda: conn.goaway is not None)
+        sid, started, stopped = stop_with_a_call_in_flight(running, conn, "in-flight")
         assert conn.goaway == (sid, NO_ERROR, b"")
         late = conn.call(INFER, grpc_message(tiny_request("late").SerializeToString()))
         conn.pump(lambda: conn.reply(late).ended)
