@@ -4,14 +4,19 @@ on grpc.aio (``--transport grpcio``) against Ferry on its own transport (``serve
 under perf_analyzer: ``tiny`` unary at concurrency 1 and 16 and streaming at 16, ``mlp`` unary at 64.
 
     python -m loadtest.bench_transport --models examples/models --out bench-out [--doc BENCHMARKS.md] [--rounds 2]
+        [--baseline DIR]
 
-The servers run side by side in their own processes and take turns, the order rotating by round.
+The servers run side by side in their own processes and take turns, the order rotating by round. ``--baseline``
+adds *Ferry-base*: the same server from another checkout (``git worktree add DIR COMMIT``), to measure a change
+to the transport against the code before it in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,25 +38,31 @@ from loadtest.bench_batching import BATCHED, build_repository, run
 
 START, END = "<!-- bench:transport:start -->", "<!-- bench:transport:end -->"
 CASES = (("tiny", "unary", 1), ("tiny", "unary", 16), ("tiny", "stream", 16), ("mlp", "unary", 64))
-SERVERS = ("echo", "h2echo", "ferry-grpcio", "ferry")
+SERVERS = ("echo", "h2echo", "ferry-grpcio", "ferry", "ferry-base")
 
 
-def measure(models: Path, work: Path, settings: Settings, log: Any) -> dict[str, Any]:
+def measure(models: Path, work: Path, settings: Settings, log: Any, baseline: Path | None = None) -> dict[str, Any]:
     repo = build_repository(models, work / "on", BATCHED)
     out: dict[str, Any] = {}
-    with (
-        serving("echo", echo_command(repo, "tiny"), "echo ready:", log) as echo,
-        serving("h2echo", h2echo_command(repo, "tiny"), "echo ready:", log) as h2echo,
-        serving("ferry-grpcio", [*ferry_command(repo), "--transport", "grpcio"], "ferry ready:", log) as on_grpcio,
-        serving("ferry", ferry_command(repo), "ferry ready:", log) as ferry,
-    ):
-        for server in (on_grpcio, ferry):
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(serving("echo", echo_command(repo, "tiny"), "echo ready:", log))
+        h2echo = stack.enter_context(serving("h2echo", h2echo_command(repo, "tiny"), "echo ready:", log))
+        on_grpcio = stack.enter_context(
+            serving("ferry-grpcio", [*ferry_command(repo), "--transport", "grpcio"], "ferry ready:", log)
+        )
+        ferry = stack.enter_context(serving("ferry", ferry_command(repo), "ferry ready:", log))
+        ferrys = [on_grpcio, ferry]
+        if baseline is not None:  # the other checkout's server: its own code first on the path
+            env = {**os.environ, "PYTHONPATH": str(baseline.resolve())}
+            base = serving("ferry-base", ferry_command(repo), "ferry ready:", log, env=env, cwd=baseline.resolve())
+            ferrys.append(stack.enter_context(base))
+        for server in ferrys:
             for model in ("tiny", "mlp"):
                 check_answers(server, model)
         for model, mode, concurrency in CASES:
-            servers = [echo, h2echo, on_grpcio, ferry]
+            servers = [echo, h2echo, *ferrys]
             if model == "mlp":  # the echo servers describe tiny only
-                servers = [on_grpcio, ferry]
+                servers = ferrys
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
             for r in range(settings.rounds):
                 k = r % len(servers)
@@ -74,12 +85,12 @@ def render(results: dict[str, Any]) -> str:
         f"{s['measurement_ms']} ms x {s['trials']}, {s['rounds']} round(s), the servers taking turns in "
         "rotating order (the echo servers describe `tiny` only). *E* is the bare grpc.aio echo server, *H* the same "
         "answers over hand-written HTTP/2 (`loadtest/h2echo.py`), *Ferry-g* the real server on grpc.aio "
-        "(`--transport grpcio`), *Ferry* the real server on its own transport (`server/transport.py`, the default); "
-        "both with `dynamic_batching { }`.",
+        "(`--transport grpcio`), *Ferry* the real server on its own transport (`server/transport/`, the default), "
+        "*Ferry-base* (with `--baseline`) the same from another checkout; all with `dynamic_batching { }`.",
         "",
-        "| case | E req/s | H req/s | Ferry-g req/s | Ferry req/s | H ÷ E | Ferry-g ÷ E | Ferry ÷ E | Ferry ÷ Ferry-g "
-        "| p50 µs E / H / Ferry-g / Ferry |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | E req/s | H req/s | Ferry-g req/s | Ferry req/s | Ferry-base req/s | H ÷ E | Ferry-g ÷ E | Ferry ÷ E "
+        "| Ferry ÷ Ferry-g | Ferry ÷ Ferry-base | p50 µs E / H / Ferry-g / Ferry / Ferry-base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def figure(case: dict[str, Any], name: str, key: str = "infer_per_s") -> str:
@@ -97,7 +108,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(
             f"| {model} {mode}, c{concurrency} | {rates} | {ratio(c, 'h2echo', 'echo')} "
             f"| {ratio(c, 'ferry-grpcio', 'echo').strip('*')} | {ratio(c, 'ferry', 'echo')} "
-            f"| {ratio(c, 'ferry', 'ferry-grpcio')} | {p50} |"
+            f"| {ratio(c, 'ferry', 'ferry-grpcio')} | {ratio(c, 'ferry', 'ferry-base')} | {p50} |"
         )
     return "\n".join(lines)
 
@@ -108,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--doc", type=Path, help="rewrite this file's bench:transport section")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--baseline", type=Path, help="a checkout of another commit, served beside as Ferry-base")
     args = parser.parse_args(argv)
     settings = Settings(rounds=args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with (args.out / "servers-transport.log").open("w") as log, tempfile.TemporaryDirectory() as work:
-        runs = measure(args.models, Path(work), settings, log)
+        runs = measure(args.models, Path(work), settings, log, args.baseline)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
     s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+    s.add_argument(
+        "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long (250 ms)"
+    )
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     from loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -79,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             strict_readiness=args.strict_readiness,
             shutdown_grace_s=args.shutdown_grace_s,
             use_uvloop=not args.no_uvloop,
+            loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
         )
         run(serve(config), config.use_uvloop)
     except FerryError as err:

@@ -16,16 +16,19 @@ from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client.core import Metric
 
-from client._proto import POOL, ferry_pb2_grpc
+from client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import Unavailable
 from server.cache import ResultCache
 from server.config import ServerConfig
 from server.http import create_http_app
+from server.loopwatch import LoopWatch
 from server.metrics import FerryCollector, exposition, registry_for
 from server.monitoring import Monitoring, metric_families
 from server.outcomes import SERVICE_NAME as OUTCOME_SERVICE
@@ -34,7 +37,7 @@ from server.predlog import PredictionLog, PredictionLogSettings
 from server.repository import ModelRepository
 from server.servicer import SERVICE_NAME, InferenceServicer
 from server.telemetry import Tracing
-from server.transport import Services, Transport
+from server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,24 @@ T = TypeVar("T")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def reflection_pool() -> DescriptorPool:
+    """A pool describing every service served, so grpcurl and other reflection clients need no local .proto: Ferry's
+    files live in ``client._proto.POOL``, health's and reflection's in protobuf's default pool."""
+    pool = DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name not in added:
+            for dependency in file.dependencies:  # a file loads only after the files it imports
+                add(dependency)
+            pool.AddSerializedFile(file.serialized_pb)
+            added.add(file.name)
+
+    for file in (grpc_service_pb2.DESCRIPTOR, ferry_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        add(file)
+    return pool
 
 
 class FerryServer:
@@ -61,6 +82,7 @@ class FerryServer:
         self.repository = ModelRepository(
             config, on_close=self.cache.drop_version, tracing=self.tracing, monitoring=self.monitoring
         )
+        self.loopwatch = LoopWatch(config.loop_lag_warn_s)
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -78,9 +100,11 @@ class FerryServer:
     async def start(self) -> None:
         """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
         self.monitoring.loop = asyncio.get_running_loop()
+        self.loopwatch.start()  # first, so stalls while models load are seen too
         servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
         self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
         self.metrics.extras.append(self._monitoring_metrics)
+        self.metrics.extras.append(self.loopwatch.metric_families)
         self._registry = registry_for(self.metrics)
         if self.config.transport == "ferry":
             await self._start_ferry_transport(servicer)
@@ -101,13 +125,16 @@ class FerryServer:
         )
         services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(services, pool=POOL), server
+            reflection.aio.ReflectionServicer(services, pool=reflection_pool()), server
         )
 
     async def _start_ferry_transport(self, servicer: InferenceServicer) -> None:
         services = Services()
         self._register(servicer, services)
-        self._transport = Transport(services, self.config.max_message_bytes, self.config.max_pending_calls)
+        limits = Limits(
+            max_message_bytes=self.config.max_message_bytes, max_concurrent_streams=self.config.max_pending_calls
+        )
+        self._transport = Transport(services, limits)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port)
@@ -178,6 +205,7 @@ class FerryServer:
         self.tracing.shutdown()
         if self.monitoring.predlog is not None:
             await asyncio.to_thread(self.monitoring.predlog.close)
+        self.loopwatch.stop()
 
     def _monitoring_metrics(self) -> Iterator[Metric]:
         monitors = [mv.monitor for m in self.repository.models() for mv in m.versions.values() if mv.monitor]

@@ -98,6 +98,10 @@ class ServerConfig:
     use_uvloop: bool = True
     """Run the event loop on uvloop when it is installed (about 20% more requests/s measured here)."""
 
+    loop_lag_warn_s: float = 0.25
+    """Log a WARNING (at most one per few seconds) when the event loop runs a timer this late: a stall every
+    connection felt. The lag itself is always exported as ``ferry_event_loop_lag_seconds``."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +139,8 @@ class ServerConfig:
             raise InvalidArgument(f"max_queue_size must be in 1..1000000, got {self.max_queue_size}")
         if self.shutdown_grace_s < 0:
             raise InvalidArgument(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if not self.loop_lag_warn_s > 0:  # NaN fails too
+            raise InvalidArgument(f"loop_lag_warn_s must be > 0, got {self.loop_lag_warn_s}")
         if not self.model_repository.is_dir():
             raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
 

@@ -7,8 +7,10 @@ status names, ``grpc-timeout`` and ``grpc-message``'s percent-encoding.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 
 import hpack
+import hpack.table
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY_FRAME, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
@@ -99,21 +101,58 @@ def messages(buf: bytearray) -> list[bytes]:
 
 DECODED_BLOCKS = 256
 """Distinct header blocks remembered decoded (a peer's requests or replies repeat a handful)."""
+SIZE_UPDATES = 2
+"""Dynamic table size updates a block may start with: RFC 7541 §4.2 needs at most two (the smallest size since the
+last block, then the final one); more is only work for the decoder."""
+
+
+class Fields(list[tuple[bytes, bytes]]):
+    """A decoded header list. ``verdict`` is free for the receiver's check of it (e.g. RFC 9113 §8.2-8.3 request
+    rules): a block decoded once and remembered is checked once too."""
+
+    __slots__ = ("verdict",)
+
+    def __init__(self, fields: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__(fields)
+        self.verdict: object = None
+
+
+class _Insertion(Exception):
+    pass
+
+
+class _AdvertisedTable(hpack.table.HeaderTable):
+    """The dynamic table we decode into. Once the peer has acknowledged our SETTINGS_HEADER_TABLE_SIZE of 0, its
+    table must be 0 bytes too: an insertion into a table it never shrank is a broken promise (COMPRESSION_ERROR)
+    and memory we said we would not hold. (Into a table of 0 bytes an insertion is legal and stores nothing, RFC
+    7541 §4.4: grpc-core's encoder does that.)"""
+
+    closed = False
+
+    def add(self, name: bytes, value: bytes) -> None:
+        if self.closed and self.maxsize > 0:
+            raise _Insertion
+        super().add(name, value)
 
 
 class HeaderBlocks:
     """Header blocks as frames carry them: a HEADERS frame (padding and priority stripped) and the CONTINUATION
     frames that finish it, decoded with hpack. Once the peer has shrunk its HPACK table to the 0 bytes we allow, a
     block's meaning depends on its bytes alone (static-table references and literals), so the same headers and
-    trailers, sent again and again, are decoded once (hpack's decoder costs ~20 µs a block here). A block larger
-    than ``max_block`` bytes, or decoding to more than ``max_list`` bytes, is a :class:`ProtocolError` (HPACK's
-    state is the connection's, so a block that cannot be decoded ends it)."""
+    trailers, sent again and again, are decoded once (hpack's decoder costs ~20 µs a block here).
+
+    The work a block can cost is bounded: a block larger than ``max_block`` bytes, or decoding to more than
+    ``max_list`` bytes (RFC 9113's size: name + value + 32 per field, so an empty field counts 32), ends the
+    connection (ENHANCE_YOUR_CALM), as does a block starting with more than :data:`SIZE_UPDATES` table size updates
+    (COMPRESSION_ERROR: they cost the decoder work and mean nothing). HPACK's state is the connection's, so a block
+    that cannot be decoded ends it: :class:`ProtocolError`."""
 
     def __init__(self, max_block: int = 1 << 20, max_list: int = 1 << 16) -> None:
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = max_list
+        self._table = self._decoder.header_table = _AdvertisedTable()
         self._max_block = max_block
-        self._decoded: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._decoded: dict[bytes, Fields] = {}
         self._pending: tuple[int, int, bytearray] | None = None  # a block waiting for CONTINUATION
 
     @property
@@ -121,9 +160,11 @@ class HeaderBlocks:
         """The stream whose block waits for CONTINUATION frames (no other frame may come between), if any."""
         return None if self._pending is None else self._pending[0]
 
-    def feed(
-        self, kind: int, flags: int, stream_id: int, payload: bytes
-    ) -> tuple[int, int, list[tuple[bytes, bytes]]] | None:
+    def table_acknowledged(self) -> None:
+        """The peer acknowledged our SETTINGS_HEADER_TABLE_SIZE of 0: from now on it may not store entries."""
+        self._table.closed = True
+
+    def feed(self, kind: int, flags: int, stream_id: int, payload: bytes) -> tuple[int, int, Fields] | None:
         """A HEADERS or CONTINUATION frame; once its block is complete, (stream id, the HEADERS frame's flags, the
         fields), else None."""
         if kind == HEADERS:
@@ -135,6 +176,8 @@ class HeaderBlocks:
                 payload = payload[1 : len(payload) - payload[0]]
             if flags & PRIORITY:
                 payload = payload[5:]
+            if len(payload) > self._max_block:
+                raise ProtocolError(ENHANCE_YOUR_CALM, f"a header block over {self._max_block} bytes")
             if not flags & END_HEADERS:
                 self._pending = (stream_id, flags, bytearray(payload))
                 return None
@@ -151,14 +194,18 @@ class HeaderBlocks:
         self._pending = None
         return stream_id, flags, self._fields(bytes(block))
 
-    def _fields(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        table = self._decoder.header_table
+    def _fields(self, block: bytes) -> Fields:
+        table = self._table
         if table.maxsize == 0:
             fields = self._decoded.get(block)
             if fields is not None:
                 return fields
+        if block and block[0] & 0xE0 == 0x20:
+            _size_updates(block)
         try:
-            fields = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
+            fields = Fields((bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True))
+        except _Insertion:
+            raise ProtocolError(COMPRESSION_ERROR, "a dynamic table insertion past our table size of 0") from None
         except hpack.OversizedHeaderListError as err:
             raise ProtocolError(ENHANCE_YOUR_CALM, f"header list too large: {err}") from None
         except hpack.HPACKError as err:
@@ -168,6 +215,21 @@ class HeaderBlocks:
                 self._decoded.clear()  # blocks that vary (deadlines, error messages) do not crowd out the rest
             self._decoded[block] = fields
         return fields
+
+
+def _size_updates(block: bytes) -> None:
+    """Refuse a block that starts with more than :data:`SIZE_UPDATES` dynamic table size updates (``001xxxxx``
+    and the integer's continuation bytes), before hpack spends work on each."""
+    pos = count = 0
+    while pos < len(block) and block[pos] & 0xE0 == 0x20:
+        count += 1
+        if count > SIZE_UPDATES:
+            raise ProtocolError(COMPRESSION_ERROR, f"more than {SIZE_UPDATES} table size updates in a header block")
+        more = block[pos] & 0x1F == 0x1F
+        pos += 1
+        while more and pos < len(block):
+            more = bool(block[pos] & 0x80)
+            pos += 1
 
 
 def grpc_timeout(seconds: float) -> bytes:

@@ -14,7 +14,7 @@ import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from server.http2 import (
     MAX_HEADER_LIST_SIZE,
     NO_ERROR,
     PING,
-    PREFACE,
     PROTOCOL_ERROR,
     PUSH_PROMISE,
     REFUSED_STREAM,
@@ -53,14 +52,12 @@ from server.http2 import (
     SETTINGS,
     U32,
     WINDOW_UPDATE,
-    HeaderBlocks,
     frame,
-    frames,
     literal,
-    messages,
 )
-from server.transport import Services, Transport
+from server.transport import Limits, Services, Transport
 from tests.integration.test_rpcs import outputs_of, request_for
+from tests.rawh2 import INFER, RawConn, grpc_message, mlp_request, ok_reply, tiny_request, trailers_only
 from tests.serving import BackgroundServer, background_server
 
 MiB = 1 << 20
@@ -69,7 +66,6 @@ MAX_STREAMS = 4  # the module server's --max-pending-calls: its SETTINGS_MAX_CON
 WINDOW_S = 0.5  # mlp's dynamic-batching window: an mlp call stays in flight this long
 CANCEL = 8  # HTTP/2 error code CANCEL (RFC 9113 §7)
 
-INFER = b"/inference.GRPCInferenceService/ModelInfer"
 STREAM_INFER = b"/inference.GRPCInferenceService/ModelStreamInfer"
 WATCH = b"/grpc.health.v1.Health/Watch"
 
@@ -102,245 +98,10 @@ def tiny_session(example_repo: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(example_repo / "tiny" / "1" / "model.onnx"))
 
 
-# --- a raw HTTP/2 client ---------------------------------------------------------------------------------------------
-
-
-def grpc_message(data: bytes, compressed: bool = False) -> bytes:
-    return bytes([int(compressed)]) + U32.pack(len(data)) + data
-
-
-def tiny_request(request_id: str, seed: int = 0) -> pb.ModelInferRequest:
-    x = np.random.default_rng(seed).standard_normal((1, 16)).astype(np.float32)
-    return request_for("tiny", {"input": x}, id=request_id)
-
-
-def mlp_request(request_id: str) -> pb.ModelInferRequest:
-    return request_for("mlp", {"input": np.ones((1, 256), np.float32)}, id=request_id)
-
-
-@dataclass
-class Reply:
-    """What the server sent on one stream."""
-
-    frames: list[tuple[int, int, int]] = field(default_factory=list)  # (type, flags, payload length), in order
-    blocks: list[dict[bytes, bytes]] = field(default_factory=list)  # decoded header blocks, in order
-    data: bytearray = field(default_factory=bytearray)
-    reset: int | None = None  # RST_STREAM's error code
-    ended: bool = False  # END_STREAM or RST_STREAM
-
-    @property
-    def status(self) -> int:
-        """The gRPC status of the last header block (trailers, or a Trailers-Only reply)."""
-        return int(self.blocks[-1][b"grpc-status"])
-
-    @property
-    def message(self) -> str:
-        return self.blocks[-1].get(b"grpc-message", b"").decode()
-
-    def replies(self) -> list[bytes]:
-        return messages(bytearray(self.data))
-
-
-class RawConn:
-    """One HTTP/2 connection to the server over a plain socket: every frame built by hand, every frame received
-    recorded. ``pump`` reads (5 s at most) until a condition holds."""
-
-    def __init__(self, address: str, settings: bytes = b"", handshake: bool = True) -> None:
-        host, port = address.rsplit(":", 1)
-        self.authority = address.encode()
-        self.sock = socket.create_connection((host, int(port)), timeout=5)
-        self.buf = bytearray()
-        self.blocks = HeaderBlocks()
-        self.log: list[tuple[int, int, int, bytes]] = []  # every frame received
-        self.streams: dict[int, Reply] = {}
-        self.settings: dict[int, int] = {}
-        self.settings_acks = 0
-        self.window_updates: list[tuple[int, int]] = []
-        self.pings: list[bytes] = []  # payloads of PING ACKs
-        self.goaway: tuple[int, int, bytes] | None = None  # last stream id, error code, debug data
-        self.eof = False
-        self.next_id = 1
-        if handshake:
-            self.send(PREFACE + frame(SETTINGS, 0, 0, settings))
-            self.pump(lambda: bool(self.settings) and self.settings_acks == 1)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    # --- building requests
-
-    def header_block(
-        self,
-        path: bytes,
-        *extra: tuple[bytes, bytes],
-        method: bytes = b"\x83",
-        content_type: bytes = b"application/grpc",
-    ) -> bytes:
-        """``:method`` (static 3: POST, 2: GET), ``:scheme http``, ``:path``, ``:authority``, content-type, te."""
-        block = method + b"\x86" + literal(4, path) + literal(1, self.authority)
-        block += literal(b"content-type", content_type) + literal(b"te", b"trailers")
-        for name, value in extra:
-            block += literal(name, value)
-        return block
-
-    def stream_id(self) -> int:
-        sid, self.next_id = self.next_id, self.next_id + 2
-        return sid
-
-    def open(self, path: bytes, *extra: tuple[bytes, bytes], end: bool = False, **block: Any) -> int:
-        """HEADERS opening a new stream; END_STREAM when ``end``."""
-        sid = self.stream_id()
-        self.send(
-            frame(HEADERS, END_HEADERS | (END_STREAM if end else 0), sid, self.header_block(path, *extra, **block))
-        )
-        return sid
-
-    def call(self, path: bytes, body: bytes, *extra: tuple[bytes, bytes], **block: Any) -> int:
-        """HEADERS and one DATA frame with END_STREAM, in one write."""
-        sid = self.stream_id()
-        self.send(
-            frame(HEADERS, END_HEADERS, sid, self.header_block(path, *extra, **block))
-            + frame(DATA, END_STREAM, sid, body)
-        )
-        return sid
-
-    def infer(self, request: pb.ModelInferRequest, *extra: tuple[bytes, bytes]) -> Reply:
-        """A whole unary ModelInfer: sent, and read until its stream ends."""
-        sid = self.call(INFER, grpc_message(request.SerializeToString()), *extra)
-        return self.finish(sid)
-
-    # --- reading
-
-    def finish(self, sid: int) -> Reply:
-        self.pump(lambda: self.reply(sid).ended)
-        return self.reply(sid)
-
-    def reply(self, sid: int) -> Reply:
-        return self.streams.setdefault(sid, Reply())
-
-    def ping(self, payload: bytes = b"roundtrp") -> None:
-        """A PING round trip: every frame sent before it has been processed by the server once its ACK is in."""
-        self.send(frame(PING, 0, 0, payload))
-        self.pump(lambda: payload in self.pings)
-        self.pings.remove(payload)
-
-    def pump(self, until: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Read and record frames until ``until()`` holds; fails on timeout, or on EOF before it holds."""
-        deadline = time.monotonic() + timeout
-        while not until():
-            if self.eof:
-                raise AssertionError(f"the server closed the connection; goaway={self.goaway}")
-            self._read(deadline - time.monotonic(), timeout)
-
-    def drain(self, seconds: float) -> None:
-        """Read and record whatever arrives for ``seconds`` (for asserting that something does not arrive)."""
-        deadline = time.monotonic() + seconds
-        while not self.eof and time.monotonic() < deadline:
-            with contextlib.suppress(TimeoutError):
-                self._read(deadline - time.monotonic(), seconds, quiet=True)
-
-    def read_to_eof(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.eof:
-            self._read(deadline - time.monotonic(), timeout)
-
-    def _read(self, left: float, timeout: float, quiet: bool = False) -> None:
-        if left <= 0:
-            if quiet:
-                raise TimeoutError
-            raise AssertionError(f"nothing more after {timeout} s; received {[f[:3] for f in self.log]}")
-        self.sock.settimeout(left)
-        try:
-            chunk = self.sock.recv(1 << 16)
-        except TimeoutError:
-            if quiet:
-                raise
-            raise AssertionError(f"nothing more after {timeout} s; received {[f[:3] for f in self.log]}") from None
-        except ConnectionResetError:
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            return
-        self.buf += chunk
-        for kind, flags, sid, payload in frames(self.buf):
-            self._dispatch(kind, flags, sid, payload)
-
-    def _dispatch(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
-        self.log.append((kind, flags, sid, payload))
-        if kind == SETTINGS:
-            if flags & ACK:
-                self.settings_acks += 1
-            else:
-                self.settings.update(SETTING.iter_unpack(payload))
-                self.send(frame(SETTINGS, ACK, 0))
-        elif kind == PING:
-            assert flags & ACK, "the server never pings first"
-            self.pings.append(payload)
-        elif kind == GOAWAY:
-            self.goaway = (U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0], payload[8:])
-        elif kind == WINDOW_UPDATE:
-            self.window_updates.append((sid, U32.unpack(payload)[0]))
-        else:
-            reply = self.reply(sid)
-            reply.frames.append((kind, flags, len(payload)))
-            # after our END_STREAM, only RST_STREAM NO_ERROR (RFC 9113 §8.1: "stop sending", when we had not ended)
-            late = reply.ended and (kind != RST_STREAM or reply.reset is not None or payload != U32.pack(NO_ERROR))
-            assert not late, f"a frame after the end of stream {sid}: {kind, flags, payload!r}"
-            if kind == DATA:
-                reply.data += payload
-                reply.ended = bool(flags & END_STREAM)
-            elif kind == HEADERS:
-                block = self.blocks.feed(kind, flags, sid, payload)
-                assert block is not None, "the server's header blocks fit one frame"
-                reply.blocks.append(dict(block[2]))
-                reply.ended = bool(flags & END_STREAM)
-            elif kind == RST_STREAM:
-                reply.reset = U32.unpack(payload)[0]
-                reply.ended = True
-
-
 @pytest.fixture
 def conn(server: BackgroundServer) -> Iterator[RawConn]:
     with RawConn(server.address) as raw:
         yield raw
-
-
-def ok_reply(reply: Reply, request_id: str) -> pb.ModelInferResponse:
-    """The frames of a successful unary call: HEADERS, one DATA with one message, trailers grpc-status 0."""
-    assert [(kind, flags) for kind, flags, _ in reply.frames] == [
-        (HEADERS, END_HEADERS),
-        (DATA, 0),
-        (HEADERS, END_HEADERS | END_STREAM),
-    ], reply
-    assert reply.blocks == [{b":status": b"200", b"content-type": b"application/grpc"}, {b"grpc-status": b"0"}]
-    (message,) = reply.replies()
-    assert reply.data[0] == 0  # not compressed
-    response = pb.ModelInferResponse.FromString(message)
-    assert response.id == request_id
-    return response
-
-
-def trailers_only(reply: Reply, status: int, message: str) -> None:
-    """A call that ended before any reply: one HEADERS frame with END_STREAM (gRPC's Trailers-Only)."""
-    assert [(kind, flags) for kind, flags, _ in reply.frames][:1] == [(HEADERS, END_HEADERS | END_STREAM)], reply
-    assert reply.blocks == [
-        {
-            b":status": b"200",
-            b"content-type": b"application/grpc",
-            b"grpc-status": str(status).encode(),
-            **({b"grpc-message": message.encode()} if message else {}),
-        }
-    ]
-    assert not reply.data
 
 
 # --- calls -----------------------------------------------------------------------------------------------------------
@@ -354,7 +115,7 @@ def test_a_unary_call_frame_by_frame_and_the_servers_settings(
         MAX_CONCURRENT_STREAMS: MAX_STREAMS,
         INITIAL_WINDOW_SIZE: MiB,
         MAX_FRAME_SIZE: MiB,
-        MAX_HEADER_LIST_SIZE: 1 << 16,
+        MAX_HEADER_LIST_SIZE: 1 << 14,
     }
     assert conn.log[0][0] == SETTINGS  # the server's SETTINGS come first, then its connection window grows to 16 MiB
     assert conn.window_updates == [(0, (16 * MiB) - 65_535)]
@@ -667,8 +428,14 @@ PROTOCOL_ERRORS: dict[str, tuple[Callable[[RawConn], bytes], int, int, bytes]] =
         PROTOCOL_ERROR,
         b"a new stream 3 below stream 5",
     ),
-    "header-list-over-64KiB": (
-        lambda c: frame(HEADERS, END_HEADERS, 1, c.header_block(INFER, (b"x-big", b"v" * 70_000))),
+    "header-block-over-16KiB": (
+        lambda c: frame(HEADERS, END_HEADERS, 1, c.header_block(INFER, (b"x-big", b"v" * 17_000))),
+        0,
+        ENHANCE_YOUR_CALM,
+        b"a header block over 16384 bytes",
+    ),
+    "header-list-over-16KiB": (  # 600 one-byte references to ":scheme http", 43 bytes each as RFC 9113 counts
+        lambda c: frame(HEADERS, END_HEADERS, 1, b"\x86" * 600),
         0,
         ENHANCE_YOUR_CALM,
         b"header list too large",
@@ -875,7 +642,7 @@ def echo() -> Iterator[Echo]:
             )
         ]
     )
-    transport = Transport(services, max_message_bytes=16 * MiB, max_concurrent_streams=16)
+    transport = Transport(services, Limits(max_message_bytes=16 * MiB, max_concurrent_streams=16))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="transport-test", daemon=True)
     thread.start()

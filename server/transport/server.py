@@ -1,0 +1,59 @@
+"""The listener: serves :class:`~server.transport.calls.Services` on one TCP address, one
+:class:`~server.transport.connection.Connection` per client; graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from server.transport.calls import Services
+from server.transport.connection import Connection
+from server.transport.limits import Limits
+
+
+class Transport:
+    """Serves :class:`Services` on one TCP address; :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, services: Services, limits: Limits | None = None) -> None:
+        self.services = services
+        self.limits = limits or Limits()
+        self.connections: set[Connection] = set()
+        self._server: asyncio.Server | None = None
+        self._idle: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Connection(self), host.strip("[]"), port, reuse_address=True, backlog=1024
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def changed(self) -> None:
+        if self._idle is not None and not any(c.streams for c in self.connections):
+            self._idle.set()
+
+    async def stop(self, grace_s: float) -> None:
+        """No new connections; GOAWAY on each; calls in flight get ``grace_s`` seconds, then are cancelled."""
+        if self._server is None:
+            return
+        self._server.close()
+        self._idle = asyncio.Event()
+        for conn in list(self.connections):
+            conn.going_away()
+        self.changed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        for conn in list(self.connections):
+            for stream in list(conn.streams.values()):
+                conn.end(stream, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                conn.drop(stream)
+            conn.write_out()
+            conn.close()
+        await asyncio.sleep(0)  # connections close on the next loop turn
+        self._server = None
+
+
+__all__ = ["Transport"]
