@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODELS := examples/models
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test lint protos bench perf-deps clean
+.PHONY: setup models run test lint protos bench perf-deps interop-deps clean
 
 setup: $(STAMP)
 
@@ -28,7 +28,16 @@ perf-deps:
 	  if [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq libb64-0d) >/dev/null; \
 	  else echo "note: libb64-0d missing and not root: perf_analyzer tests will skip (fail under CI=true)"; fi; }
 
-test: models perf-deps
+# The Node client of the interop tests (@grpc/grpc-js, pinned by tests/interop/package-lock.json); reinstalled
+# when the lock file changes. Without npm the Node interop tests skip (and fail under CI=true).
+interop-deps: tests/interop/node_modules/.installed
+
+tests/interop/node_modules/.installed: tests/interop/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd tests/interop && npm ci --silent --ignore-scripts --no-audit --no-fund && touch node_modules/.installed; \
+	else echo "note: npm missing: the @grpc/grpc-js interop tests will skip (fail under CI=true)"; fi
+
+test: models perf-deps interop-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -53,4 +62,4 @@ bench: models perf-deps
 	$(BIN)/python -m loadtest.mlserver.compare --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) $(MODELS) bench-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS) bench-out .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules
