@@ -41,7 +41,14 @@ CASES = (("tiny", "unary", 1), ("tiny", "unary", 16), ("tiny", "stream", 16), ("
 SERVERS = ("echo", "h2echo", "ferry-grpcio", "ferry", "ferry-base")
 
 
-def measure(models: Path, work: Path, settings: Settings, log: Any, baseline: Path | None = None) -> dict[str, Any]:
+def measure(
+    models: Path,
+    work: Path,
+    settings: Settings,
+    log: Any,
+    baseline: Path | None = None,
+    cases: tuple[tuple[str, str, int], ...] = CASES,
+) -> dict[str, Any]:
     repo = build_repository(models, work / "on", BATCHED)
     out: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -59,7 +66,7 @@ def measure(models: Path, work: Path, settings: Settings, log: Any, baseline: Pa
         for server in ferrys:
             for model in ("tiny", "mlp"):
                 check_answers(server, model)
-        for model, mode, concurrency in CASES:
+        for model, mode, concurrency in cases:
             servers = [echo, h2echo, *ferrys]
             if model == "mlp":  # the echo servers describe tiny only
                 servers = ferrys
@@ -102,7 +109,9 @@ def render(results: dict[str, Any]) -> str:
         return f"**{case[top]['infer_per_s'] / case[bottom]['infer_per_s']:.2f}**"
 
     for model, mode, concurrency in CASES:
-        c = results["runs"][f"{model}-{mode}-{concurrency}"]
+        c = results["runs"].get(f"{model}-{mode}-{concurrency}")
+        if c is None:
+            continue
         rates = " | ".join(figure(c, n) for n in SERVERS)
         p50 = " / ".join(figure(c, n, "p50_us") for n in SERVERS)
         lines.append(
@@ -120,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, help="rewrite this file's bench:transport section")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="a checkout of another commit, served beside as Ferry-base")
+    parser.add_argument("--cases", help="only these cases, e.g. tiny-unary-16,mlp-unary-64 (default: all)")
     args = parser.parse_args(argv)
     settings = Settings(rounds=args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with (args.out / "servers-transport.log").open("w") as log, tempfile.TemporaryDirectory() as work:
-        runs = measure(args.models, Path(work), settings, log, args.baseline)
+        cases: tuple[tuple[str, str, int], ...] = CASES
+        if args.cases:
+            wanted = set(args.cases.split(","))
+            cases = tuple(c for c in CASES if "-".join(map(str, c)) in wanted)
+        runs = measure(args.models, Path(work), settings, log, args.baseline, cases)
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),

@@ -140,12 +140,14 @@ class ReplyEncoder:
     bytes; a client that allows less gets literals. When the client changes SETTINGS_HEADER_TABLE_SIZE, the next
     block starts with the size update RFC 7541 §4.2 asks for (to 0, emptying the table, then to the new size)."""
 
-    __slots__ = ("_entries", "_limit", "_update")
+    __slots__ = ("_entries", "_head", "_limit", "_ok", "_update")
 
     def __init__(self) -> None:
         self._limit = _DEFAULT_TABLE
         self._entries: list[tuple[bytes, bytes]] = []  # inserted, oldest first
         self._update = b""  # a size update owed at the start of the next block
+        self._head: bytes | None = None  # the steady state: ``:status 200`` and content-type, indexed
+        self._ok: bytes | None = None  # and ``grpc-status: 0``
 
     def table_size(self, size: int) -> None:
         """The client's SETTINGS_HEADER_TABLE_SIZE."""
@@ -153,6 +155,7 @@ class ReplyEncoder:
             self._limit = size
             self._entries.clear()
             self._update = _hpack_int(0, 5, 0x20) + (_hpack_int(min(size, _DEFAULT_TABLE), 5, 0x20) if size else b"")
+            self._head = self._ok = None
 
     def _field(self, entry: tuple[bytes, bytes], name: bytes | int) -> bytes:
         entries = self._entries
@@ -164,15 +167,27 @@ class ReplyEncoder:
         return literal(name, entry[1])
 
     def _start(self) -> bytes:
+        """The size update owed, if any; then what later blocks can reuse as they are (both fields in the table, or
+        a table too small to hold them: literals for good)."""
         update, self._update = self._update, b""
+        entries = self._entries
+        if self._limit < _BOTH or (_CONTENT_TYPE in entries and _OK in entries):
+            self._head = _STATUS_200 + self._field(_CONTENT_TYPE, 31)
+            self._ok = self._field(_OK, _OK[0])
         return update
 
     def headers(self, metadata: bytes = b"") -> bytes:
         """A reply's HEADERS block: ``:status 200``, content-type, then ``metadata`` (literal fields)."""
-        return self._start() + _STATUS_200 + self._field(_CONTENT_TYPE, 31) + metadata
+        head = self._head
+        if head is not None and not self._update:
+            return head + metadata if metadata else head
+        update = self._start()
+        return update + _STATUS_200 + self._field(_CONTENT_TYPE, 31) + metadata
 
     def trailers(self, code: grpc.StatusCode, details: str = "", trailing: bytes = b"") -> bytes:
         """A reply's trailers: the status (``grpc-status: 0`` indexed), its message, trailing metadata."""
+        if code is grpc.StatusCode.OK and not details and not trailing and self._ok is not None and not self._update:
+            return self._ok
         return self._start() + self._status(code, details, trailing)
 
     def trailers_only(self, code: grpc.StatusCode, details: str = "", trailing: bytes = b"") -> bytes:
