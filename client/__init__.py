@@ -25,6 +25,7 @@ from client.errors import (
     Unavailable,
     Unimplemented,
 )
+from client.outcomes import Outcome, OutcomeReport
 
 __all__ = [
     "AsyncClient",
@@ -39,6 +40,8 @@ __all__ = [
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "Outcome",
+    "OutcomeReport",
     "PermissionDenied",
     "ResourceExhausted",
     "Unauthenticated",

@@ -43,6 +43,7 @@ from typing import Any, TypedDict, TypeVar, Unpack
 import grpc
 import numpy as np
 
+from client._proto import ferry_pb2_grpc as fpb_grpc
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from client.errors import (
@@ -55,6 +56,7 @@ from client.errors import (
     error_for_status,
 )
 from client.multiplex import StreamMultiplexer
+from client.outcomes import Outcome, OutcomeReport, Truth, decode_report, encode_outcomes
 from client.tensors import DATATYPES, datatype_of, from_contents, from_raw, to_raw
 
 __all__ = ["AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"]
@@ -247,6 +249,7 @@ class AsyncClient:
         self._rng = random.Random()
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
+        self._outcome_stub: Any = None
         self._closed = False
         self._multiplex = multiplex
         self._multiplexer: StreamMultiplexer | None = None
@@ -322,6 +325,24 @@ class AsyncClient:
         request = pb.RepositoryIndexRequest(ready=ready)
         return list((await self._unary("RepositoryIndex", request, timeout)).models)
 
+    async def report_outcomes(
+        self, model: str, outcomes: Mapping[str, Truth] | Iterable[Outcome], *, timeout: float | None = None
+    ) -> OutcomeReport:
+        """Report the truth about earlier predictions of ``model`` (Ferry's ``ferry.v1.OutcomeService``):
+        ``outcomes`` maps request ids to values (an ``int`` class label, ``float`` regression target or ``str``
+        class label; row 0), or is a sequence of ``Outcome(request_id, value, row)``. Only a model whose
+        config.pbtxt sets ``outcome_output`` remembers predictions, and only of requests sent with a
+        ``request_id``; others come back unmatched (see ``client.outcomes``). A malformed outcome raises
+        ``InvalidArgument`` and nothing is recorded."""
+        request = encode_outcomes(model, outcomes)
+        self._get_stub()  # opens the channel the outcome stub shares
+        rpc = self._outcome_stub.ReportOutcomes
+
+        def send(remaining: float | None) -> Awaitable[Any]:
+            return rpc(request, timeout=remaining, metadata=self._metadata)
+
+        return decode_report(await self._retrying("ReportOutcomes", send, timeout))
+
     async def infer(
         self,
         model: str,
@@ -374,7 +395,8 @@ class AsyncClient:
         *,
         timeout: float | None = None,
     ) -> AsyncGenerator[InferResult | FerryError, None]:
-        """Send ``requests`` over one ``ModelStreamInfer`` stream; yield one item per request, in order.
+        """Send ``requests`` (``InferRequest`` objects) over one ``ModelStreamInfer`` stream; yield one item per
+        request, in order.
 
         A request that fails is yielded as its ``FerryError`` (e.g. ``InvalidArgument``), not raised, so the
         stream goes on: test items with ``isinstance(item, FerryError)``. Only a failure of the whole stream
@@ -413,6 +435,7 @@ class AsyncClient:
             else:
                 self._channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
             self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+            self._outcome_stub = fpb_grpc.OutcomeServiceStub(self._channel)
         return self._stub
 
     def _timeout(self, timeout: float | None) -> float | None:
@@ -500,6 +523,8 @@ async def _send_all(
     reader to raise."""
 
     async def write(request: InferRequest) -> None:
+        if not isinstance(request, InferRequest):
+            raise TypeError(f"stream_infer takes InferRequest(model, inputs, ...) items, not {type(request).__name__}")
         message = encode_request(request)
         message.id = order.wire_id(request.request_id)
         await call.write(message)
@@ -608,6 +633,11 @@ class Client:
 
     def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[Any]:
         return self._run(self._async.repository_index(ready, timeout=timeout))
+
+    def report_outcomes(
+        self, model: str, outcomes: Mapping[str, Truth] | Iterable[Outcome], *, timeout: float | None = None
+    ) -> OutcomeReport:
+        return self._run(self._async.report_outcomes(model, outcomes, timeout=timeout))
 
     def infer(
         self,

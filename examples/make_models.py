@@ -8,14 +8,17 @@
   with ``heldout.npz`` (``X``, ``y``: the test split) and ``train_stats.npz`` (per-feature ``mean``,
   ``std``, ``min``, ``max`` of the training split) for preprocessing and drift detection. Its
   ``preprocess.json`` replaces a missing pixel (NaN) with the training mean of that pixel, so finite
-  inputs reach the classifiers unchanged.
+  inputs reach the classifiers unchanged. Its ``config.pbtxt`` turns on what the README shows: outcomes
+  (``outcome_output`` ``label``: requests sent with an id are remembered for ``report_outcomes``) and, when
+  the server runs with ``--prediction-log``, logging of every request.
 - ``imgcls``: a small CNN with fixed-seed weights, graph input FP32 [N, 3, 56, 56] -> ``probabilities``
   [N, 10]; clients send UINT8 [N, 64, 64, 3] images, which its ``preprocess.json`` center-crops to 56,
   scales to [0, 1] and normalizes with the ImageNet mean and std into NCHW.
 
 Weights come from fixed seeds and training is seeded, so every run writes the same bytes. A model whose
-files all exist is skipped unless ``--force``. Each file is written under a temporary name and renamed into
-place, so an interrupted run never leaves a half-written model.
+files all exist is skipped unless ``--force`` (only its ``config.pbtxt`` is rewritten when this script now
+writes another, so an older repository gains new settings without retraining). Each file is written under a
+temporary name and renamed into place, so an interrupted run never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ Files = dict[str, bytes]  # path relative to the model's directory -> file conte
 class ExampleModel(NamedTuple):
     files: tuple[str, ...]  # paths relative to the model's directory, known before building
     build: Callable[[], Files]
+    config: bytes  # config.pbtxt, known without building
 
 
 def _dense_config(name: str, in_dim: int, out_dim: int) -> bytes:
@@ -70,8 +74,17 @@ def _dense_config(name: str, in_dim: int, out_dim: int) -> bytes:
     ).encode()
 
 
-# Inputs and outputs are left to the server, which reads them from the ONNX graph.
-DIGITS_CONFIG = b'name: "digits"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\nversion_policy: { all { } }\n'
+# Inputs and outputs are left to the server, which reads them from the ONNX graph. The parameters are what the
+# README's outcome and prediction-log examples use.
+DIGITS_CONFIG = b"""name: "digits"
+platform: "onnxruntime_onnx"
+max_batch_size: 64
+version_policy: { all { } }
+# requests sent with an id are remembered: report_outcomes joins the truth with their label (live accuracy)
+parameters { key: "outcome_output" value: { string_value: "label" } }
+# with `ferry serve --prediction-log FILE`: every request is logged (0 = off)
+parameters { key: "prediction_log_rate" value: { string_value: "1" } }
+"""
 # NaN policy: a missing pixel becomes its training mean; every other value passes unchanged.
 DIGITS_PREPROCESS = {"inputs": {"input": [{"op": "impute", "fill": "train_stats.npz:mean"}]}}
 
@@ -195,7 +208,7 @@ def _dense(name: str, sizes: Sequence[int]) -> ExampleModel:
             "1/model.onnx": model.SerializeToString(),
         }
 
-    return ExampleModel(("config.pbtxt", "1/model.onnx"), build)
+    return ExampleModel(("config.pbtxt", "1/model.onnx"), build, _dense_config(name, sizes[0], sizes[-1]))
 
 
 def digits_classifiers() -> dict[int, Pipeline]:
@@ -284,8 +297,9 @@ MODELS: dict[str, ExampleModel] = {
             "drift_reference.npz",
         ),
         _build_digits,
+        DIGITS_CONFIG,
     ),
-    "imgcls": ExampleModel(("config.pbtxt", "preprocess.json", "1/model.onnx"), _build_imgcls),
+    "imgcls": ExampleModel(("config.pbtxt", "preprocess.json", "1/model.onnx"), _build_imgcls, IMGCLS_CONFIG),
 }
 
 
@@ -305,11 +319,17 @@ def write_atomic(path: pathlib.Path, data: bytes) -> None:
 
 
 def build_repository(out: pathlib.Path, force: bool = False) -> None:
-    """Write every example model under ``out``; skip a model whose files all exist unless ``force``."""
+    """Write every example model under ``out``; skip a model whose files all exist unless ``force``, but bring
+    its config.pbtxt up to date."""
     for name, model in MODELS.items():
         model_dir = out / name
         if not force and all((model_dir / file).is_file() for file in model.files):
-            print(f"{name}: up to date in {model_dir} (--force rewrites it)")
+            config = model_dir / "config.pbtxt"
+            if config.read_bytes() != model.config:
+                write_atomic(config, model.config)
+                print(f"{name}: config.pbtxt updated in {model_dir}")
+            else:
+                print(f"{name}: up to date in {model_dir} (--force rewrites it)")
             continue
         started = time.perf_counter()
         files = model.build()

@@ -14,40 +14,74 @@ from server.app import run, serve
 from server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` gives every option's default: a flag or an unset file reads "off"; required options none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is argparse.SUPPRESS or not action.option_strings:
+            return action.help
+        if action.default is None or action.default is False:
+            return f"{action.help or ''} (default: off)".lstrip()
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferry", description="Ferry: a gRPC model server for ONNX models")
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("serve", help="serve a model repository until SIGINT/SIGTERM")
+    s = commands.add_parser(
+        "serve", help="serve a model repository until SIGINT/SIGTERM", formatter_class=_ShowDefaults
+    )
     s.add_argument("--model-repository", required=True, help="model repository directory (Triton layout)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, 0 = any free port (default 8001)")
-    s.add_argument("--http-port", type=int, default=8000, help="HTTP port, 0 = any free port, -1 = off (default 8000)")
-    s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message (64 MiB)")
-    s.add_argument("--max-pending-calls", type=int, default=4096, help="calls gRPC holds for Ferry to pick up (4096)")
-    s.add_argument("--transport", choices=TRANSPORTS, default="ferry", help="what carries gRPC (default ferry)")
-    s.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
-    s.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its default)")
-    s.add_argument("--graph-optimization-level", choices=GRAPH_OPTIMIZATION_LEVELS, default="all")
+    s.add_argument("--host", default="127.0.0.1", help="address both listeners bind (0.0.0.0: all interfaces)")
+    s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 = any free port (in the ready line)")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP port (health, /metrics); 0 = any free, -1 = off")
+    s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message, in bytes")
+    s.add_argument(
+        "--max-pending-calls",
+        type=int,
+        default=4096,
+        help="on Ferry's transport: streams one connection may have open at once (clients queue calls past it); "
+        "with --transport grpcio: calls gRPC accepted that Ferry has not picked up yet (past it gRPC cancels them)",
+    )
+    s.add_argument("--transport", choices=TRANSPORTS, default="ferry", help="Ferry's own HTTP/2 transport, or grpc.aio")
+    s.add_argument("--intra-op-threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its choice)")
+    s.add_argument("--inter-op-threads", type=int, default=0, help="onnxruntime inter-op threads (0 = its choice)")
+    s.add_argument(
+        "--graph-optimization-level",
+        choices=GRAPH_OPTIMIZATION_LEVELS,
+        default="all",
+        help="onnxruntime graph optimizations",
+    )
     s.add_argument("--execution-provider", choices=EXECUTION_PROVIDERS, default="cpu", help="cuda falls back to cpu")
-    s.add_argument("--max-queue-size", type=int, default=1024, help="queued requests per model version and level")
-    s.add_argument("--cache-max-bytes", type=int, default=256 * 1024 * 1024, help="result cache bound (256 MiB)")
-    s.add_argument("--inline-run-us", type=int, default=100, help="run faster batches on the loop (0 = never)")
+    s.add_argument(
+        "--max-queue-size", type=int, default=1024, help="queued requests per model version and priority level"
+    )
+    s.add_argument("--cache-max-bytes", type=int, default=256 * 1024 * 1024, help="result cache bound (0 = off)")
+    s.add_argument(
+        "--inline-run-us",
+        type=int,
+        default=100,
+        help="run batches estimated faster than this (µs) on the loop; 0 = never",
+    )
     s.add_argument("--ort-spinning", action="store_true", help="let idle onnxruntime threads spin-wait")
-    s.add_argument("--prediction-log", type=Path, help="JSON Lines file for sampled predictions (off if absent)")
-    s.add_argument("--prediction-log-max-bytes", type=int, default=64 << 20, help="rotate past this size (64 MiB)")
-    s.add_argument("--prediction-log-backups", type=int, default=5, help="rotated logs kept (5)")
-    s.add_argument("--outcome-window", type=int, default=1000, help="outcomes in the live accuracy window (1000)")
+    s.add_argument("--prediction-log", type=Path, help="JSON Lines file for sampled predictions")
+    s.add_argument("--prediction-log-max-bytes", type=int, default=64 << 20, help="rotate the log past this size")
+    s.add_argument("--prediction-log-backups", type=int, default=5, help="rotated logs kept")
+    s.add_argument("--outcome-window", type=int, default=1000, help="outcomes in the live accuracy window")
     s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
-    s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGTERM (default 5 s)")
+    s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGINT/SIGTERM, in seconds")
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     s.add_argument(
-        "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long (250 ms)"
+        "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
     )
-    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
     add_arguments(commands.add_parser("loadtest", help="load-test a server, find its capacity, plan replicas"))
+    from client.codegen import add_arguments as add_client_arguments  # argparse only, as for loadtest
+
+    add_client_arguments(commands.add_parser("client", help="client tools: generate typed per-model clients"))
     return parser
 
 
@@ -57,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loadtest.cli import run as loadtest
 
         return loadtest(args)
+    if args.command == "client":
+        from client.codegen import run as client_command
+
+        return client_command(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig.build(

@@ -298,9 +298,9 @@ class DriftMonitor:
         if alert is not None:
             log.warning(
                 "drift alert: %s: max PSI %.4f (threshold %g, features %s), max KS %.4f (threshold %g, features %s) "
-                "over the last %d rows",
+                "over a window of %d rows (drift_window_rows %d; it moves by whole batches, so it may hold more)",
                 self.describe(), alert.max_psi, alert.psi_threshold, list(alert.psi_features), alert.max_ks,
-                alert.ks_threshold, list(alert.ks_features), alert.rows,
+                alert.ks_threshold, list(alert.ks_features), alert.rows, self.window_rows,
                 extra={"event": "drift_alert", "model": self.model, "version": self.version},
             )  # fmt: skip
             if self.on_alert is not None:

@@ -76,7 +76,9 @@ class FerryCollector(Collector):
         self.extras: list[Extra] = []
 
     def collect(self) -> Iterator[Metric]:
-        f = {doc.name: _family(doc.name, LABELS) for doc in METRICS if doc.name != "ferry_inflight_requests"}
+        # One family per name (the text format allows one HELP/TYPE block each): the two with other labels apart.
+        own_labels = ("ferry_inflight_requests", "ferry_inference_request_failure")
+        f = {doc.name: _family(doc.name, LABELS) for doc in METRICS if doc.name not in own_labels}
         failure = _family("ferry_inference_request_failure", [*LABELS, "code"])
         histograms = {
             "ferry_request_duration_seconds": ("request_hist", 1e9),

@@ -151,7 +151,7 @@ class Tracing:
         attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
         span = self._sampled(f"{service}/{method}", SpanKind.SERVER, parent, attributes, policy)
         if span is not None:
-            policy.took()
+            policy.took(method)
         return span
 
     def child_span(self, name: str, parent: Span, attributes: dict[str, Any]) -> Span:

@@ -9,6 +9,7 @@ Keys, each a list of strings on the wire as in Triton:
   OpenTelemetry's trace-id ratio, so that services sampling the same trace by ratio agree. ``0``: no request that
   starts a trace is sampled.
 - ``trace_count``: ``-1`` (no limit) or how many more requests to sample; it counts down and sampling stops at 0.
+  ``TraceSetting`` calls themselves never count: reading a model's settings leaves its count as it was.
 - ``trace_mode``: ``opentelemetry``, read-only.
 
 Startup values come from the provider's sampler (``OTEL_TRACES_SAMPLER`` / ``_ARG``): ``traceidratio`` 0.1 reads as
@@ -43,6 +44,8 @@ TRITON_ONLY = ("trace_file", "log_frequency")
 """Settings of Triton's own trace files, which Ferry does not write (it exports spans: OTEL_TRACES_EXPORTER)."""
 SETTINGS = {"trace_level": "level", "trace_rate": "ratio", "trace_count": "count"}
 """The settings that can change, by the attribute of a scope that holds each (``trace_mode`` is read-only)."""
+UNCOUNTED = frozenset({"TraceSetting"})
+"""RPC methods traced without counting down ``trace_count``: reading or changing the settings must not change them."""
 OFF_RATIO = 0.001
 """The ratio a server that started with tracing off samples at once its level is raised (Triton's rate 1000)."""
 
@@ -69,8 +72,11 @@ class Policy:
     def __init__(self, on: bool, bound: int | None, parent_based: bool, counter: _Scope) -> None:
         self.on, self.bound, self.parent_based, self.counter = on, bound, parent_based, counter
 
-    def took(self) -> None:
-        """One request was sampled: count it down (at 0 nothing more is sampled)."""
+    def took(self, method: str = "") -> None:
+        """One call of ``method`` was sampled: count it down (at 0 nothing more is sampled), unless the method is
+        one of :data:`UNCOUNTED`."""
+        if method in UNCOUNTED:
+            return
         counter = self.counter
         if counter.count is not None and counter.count > 0:
             counter.count -= 1

@@ -23,6 +23,8 @@ from client import (
     InferRequest,
     InvalidArgument,
     NotFound,
+    Outcome,
+    OutcomeReport,
 )
 from client._proto import model_config_pb2
 from tests.serving import running_server
@@ -215,6 +217,37 @@ def test_trace_settings_read_and_change(client: Client) -> None:
     with pytest.raises(NotFound):
         client.trace_settings(model="no_such_model")
     client.trace_settings({"trace_rate": None})
+
+
+def test_report_outcomes_joins_the_truth_by_request_id(client: Client, digits_x: np.ndarray) -> None:
+    """The example digits names ``label`` as its outcome_output: requests sent with an id are remembered, and a
+    report by that id (a mapping for row 0, ``Outcome`` for other rows) is matched once; unknown ids and rows
+    already reported come back unmatched; a malformed outcome fails the call."""
+    labels = client.infer("digits", {"input": digits_x[:2]}, request_id="sdk-outcome-1")["label"]
+    report = client.report_outcomes("digits", {"sdk-outcome-1": int(labels[0])})
+    assert report == OutcomeReport(matched=1, unmatched=0, unmatched_index=())
+    again = client.report_outcomes(
+        "digits",
+        [Outcome("sdk-outcome-1", int(labels[1]), row=1), Outcome("sdk-outcome-1", 3), Outcome("no-such-id", 3)],
+    )
+    assert again == OutcomeReport(matched=1, unmatched=2, unmatched_index=(1, 2))
+    with pytest.raises(InvalidArgument, match="request_id is empty"):
+        client.report_outcomes("digits", {"": 3})
+
+
+def test_async_report_outcomes(address: str, digits_x: np.ndarray) -> None:
+    async def main() -> OutcomeReport:
+        async with AsyncClient(address, timeout_s=60) as c:
+            await c.infer("digits", {"input": digits_x[:1]}, request_id="sdk-outcome-async")
+            return await c.report_outcomes("digits", {"sdk-outcome-async": 0, "sdk-outcome-never-sent": 1})
+
+    assert asyncio.run(main()) == OutcomeReport(matched=1, unmatched=1, unmatched_index=(1,))
+
+
+def test_stream_infer_refuses_what_is_not_an_infer_request(client: Client) -> None:
+    with pytest.raises(TypeError, match="InferRequest"):
+        list(client.stream_infer([("tiny", {"input": _rows(0, 1, 16)})]))  # type: ignore[list-item]
+    assert client.server_live()
 
 
 def test_statistics_has_an_entry_for_the_model(client: Client) -> None:

@@ -66,7 +66,8 @@ def test_import_client_loads_no_server_runtime_or_kernels() -> None:
 
 def test_all_is_the_documented_api() -> None:
     errors = {name for name in errors_module.__all__ if name != "error_for_status"}
-    assert set(client.__all__) == {"AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"} | errors
+    sdk = {"AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult", "Outcome", "OutcomeReport"}
+    assert set(client.__all__) == sdk | errors
     assert len(client.__all__) == len(set(client.__all__))
     for name in client.__all__:
         assert getattr(client, name) is not None
@@ -555,3 +556,27 @@ def test_closed_client_refuses_calls(fake: tuple[str, FakeServer]) -> None:
     c.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         c.server_live()
+
+
+# ---- outcomes ----------------------------------------------------------------------------------------------
+
+
+def test_outcomes_are_encoded_by_the_type_of_their_value() -> None:
+    from client.outcomes import decode_report, encode_outcomes
+
+    request = encode_outcomes("m", {"a": 3, "b": np.int64(4), "c": 0.5, "d": np.float32(1.5), "e": "cat", "f": True})
+    kinds = [
+        (o.request_id, o.model_name, o.WhichOneof("value"), getattr(o, o.WhichOneof("value"))) for o in request.outcomes
+    ]
+    assert kinds == [
+        ("a", "m", "label", 3), ("b", "m", "label", 4), ("c", "m", "target", 0.5), ("d", "m", "target", 1.5),
+        ("e", "m", "class_label", "cat"), ("f", "m", "label", 1),
+    ]  # fmt: skip
+    rows = encode_outcomes("m", [client.Outcome("x", 2, row=3)]).outcomes
+    assert [(o.request_id, o.label, o.row) for o in rows] == [("x", 2, 3)]
+    with pytest.raises(TypeError, match="not int, float or str"):
+        encode_outcomes("m", {"a": [1]})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="Outcome objects"):
+        encode_outcomes("m", [("a", 1)])  # type: ignore[list-item]
+    reply = type("Reply", (), {"matched": 2, "unmatched": 1, "unmatched_index": [2]})()
+    assert decode_report(reply) == client.OutcomeReport(2, 1, (2,))

@@ -268,3 +268,15 @@ def test_an_alert_after_the_loop_closed_is_dropped() -> None:
     webhook = AlertWebhook("http://127.0.0.1:9/hook", 1.0, loop)
     webhook(_alert())
     assert webhook.dropped == 1
+
+
+def test_the_alert_log_names_the_window_it_measured_and_the_configured_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Batches of 64 fill a window of 1000 rows in chunks of 128: the log says both numbers, not one for the other."""
+    rng = np.random.default_rng(0)
+    monitor = DriftMonitor(DriftReference.from_training(rng.normal(size=(2000, 4))), 1000, 0.2, 0.2, model="m")
+    with caplog.at_level("WARNING", logger="server.drift"):
+        for _ in range(16):
+            monitor.observe((rng.normal(size=(64, 4)) + 5).astype(np.float32))  # far from the reference
+    assert monitor.alerts == 1
+    (message,) = [r.getMessage() for r in caplog.records if "drift alert" in r.getMessage()]
+    assert "over a window of 1024 rows (drift_window_rows 1000;" in message

@@ -48,6 +48,10 @@ name: "digits"
 platform: "onnxruntime_onnx"
 max_batch_size: 64
 version_policy: { all { } }
+# requests sent with an id are remembered: report_outcomes joins the truth with their label (live accuracy)
+parameters { key: "outcome_output" value: { string_value: "label" } }
+# with `ferry serve --prediction-log FILE`: every request is logged (0 = off)
+parameters { key: "prediction_log_rate" value: { string_value: "1" } }
 """
 
 
@@ -188,6 +192,18 @@ def test_rerun_rewrites_only_with_force(rebuilt: pathlib.Path, force: bool) -> N
     rewritten = {path.relative_to(rebuilt).as_posix() for path in paths if path.stat().st_mtime_ns != 0}
     assert rewritten == (EXPECTED_FILES if force else set())
     assert _files(rebuilt) == EXPECTED_FILES
+
+
+def test_rerun_brings_an_older_config_up_to_date(rebuilt: pathlib.Path) -> None:
+    """A repository built before digits gained its outcome and prediction-log parameters gets them on the next
+    run, without retraining anything."""
+    for file in EXPECTED_FILES:
+        os.utime(rebuilt / file, ns=(0, 0))
+    (rebuilt / "digits" / "config.pbtxt").write_text(DIGITS_CONFIG.split("# requests")[0])
+    make_models.build_repository(rebuilt)
+    rewritten = {file for file in EXPECTED_FILES if (rebuilt / file).stat().st_mtime_ns != 0}
+    assert rewritten == {"digits/config.pbtxt"}
+    assert (rebuilt / "digits" / "config.pbtxt").read_text() == DIGITS_CONFIG
 
 
 def test_rerun_completes_a_partial_model(rebuilt: pathlib.Path) -> None:

@@ -155,6 +155,19 @@ def test_settings_read_from_the_sampler_and_changed_at_run_time() -> None:
     assert sampled(tracing, 100) == 0 and settings.get()["trace_rate"] == ["0"]
 
 
+def test_trace_setting_calls_do_not_count_down_trace_count() -> None:
+    """Reading a model's settings (a TraceSetting call naming it) is traced by its settings but never spends its
+    count: a read after setting 5 reads 5, and 5 inference requests are still sampled."""
+    tracing = Tracing(TracerProvider(sampler=ALWAYS_ON))
+    tracing.settings.update("mlp", {"trace_count": ["5"]})
+    tracing.settings.update(None, {"trace_count": ["2"]})
+    for model in ("mlp", "mlp", "", ""):
+        assert tracing.rpc_span(SERVICE, "TraceSetting", (), model) is not None
+    assert tracing.settings.get("mlp")["trace_count"] == ["5"] and tracing.settings.get()["trace_count"] == ["2"]
+    assert sampled(tracing, 10, "mlp") == 5 and sampled(tracing, 10) == 2
+    assert tracing.settings.get("mlp")["trace_count"] == ["0"]
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
