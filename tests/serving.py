@@ -1,12 +1,16 @@
-"""Real Ferry servers for tests: started in-process on a background event loop, bound to 127.0.0.1:0."""
+"""Real Ferry servers for tests: started in-process on a background event loop, bound to 127.0.0.1:0, or as
+``ferry serve`` processes (:class:`FerryProcess`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,12 +55,82 @@ class BackgroundServer:
 
 
 def wait_serving(address: str, timeout_s: float = 30) -> None:
-    """Block until the gRPC health service says SERVING (never by reading logs)."""
+    """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process opens its
+    port before its models have loaded, so NOT_SERVING is asked again until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s, wait_for_ready=True)
-        if reply.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"server at {address} is not serving: {reply}")
+        while True:
+            left = max(deadline - time.monotonic(), 0.1)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=left, wait_for_ready=True)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"server at {address} is not serving: {reply}")
+            time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FerryProcess:
+    """``ferry serve ARGS`` in a subprocess, gRPC on a free port of 127.0.0.1 and HTTP off, for what only a process
+    shows (RSS, CPU, signals); :meth:`start` returns once it is SERVING, :meth:`stop` sends SIGTERM (then kills)."""
+
+    def __init__(self, repository: Path, *args: str, log: Path | None = None) -> None:
+        self.repository = repository
+        self.args = args
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        command = [sys.executable, "-m", "server", "serve", "--model-repository", str(self.repository)]
+        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "-1", *self.args]
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(self.log.open("ab")) if self.log is not None else subprocess.DEVNULL
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_serving(self.address, timeout_s=60)
+        except BaseException:
+            self.stop()
+            raise
+
+    def sigterm_exits_within(self, seconds: float) -> bool:
+        """SIGTERM; whether the process then ended within ``seconds``."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and not self.sigterm_exits_within(15):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def rss_kib(pid: int) -> int:
+    """A process's resident set size (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"process {pid} has no VmRSS")
 
 
 @contextlib.contextmanager

@@ -390,11 +390,10 @@ class Connection(Output, asyncio.Protocol):
         request-and-reset is the rapid-reset attack whether or not we answered first."""
         if stream_id > self.last_stream:
             raise ProtocolError(PROTOCOL_ERROR, f"RST_STREAM on stream {stream_id}, never opened")
-        stream = self.streams.pop(stream_id, None)
+        stream = self.streams.get(stream_id)
         if stream is not None:
-            self.discard(stream)
             self.drop(stream)
-            self.server.changed()
+            self.forget(stream)
         if not self.resets.spend():
             raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams cancelled")
 

@@ -15,7 +15,7 @@ import pytest
 from client._proto import grpc_service_pb2 as pb
 from client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
-from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address
+from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address, rss_kib
 
 MLP_BATCHED = """name: "mlp"
 max_batch_size: 64
@@ -112,13 +112,6 @@ def test_requested_outputs_and_priority_parameters_through_the_batcher(server: B
     with grpc.insecure_channel(server.address) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     assert outputs_of(response)["output"].shape == (2, 10)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_overload_is_answered_or_rejected_and_memory_stays_bounded(example_repo: Path, tmp_path: Path) -> None:

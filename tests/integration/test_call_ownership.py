@@ -10,14 +10,10 @@ Each test ends many ``mlp`` calls in one of those ways against a real ``ferry se
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,62 +36,22 @@ from server.http2 import (
     literal,
 )
 from tests.integration.test_rpcs import request_for
-from tests.serving import wait_serving
+from tests.serving import FerryProcess
 
 INFER = b"/inference.GRPCInferenceService/ModelInfer"
 CALLS = 60  # per round: past the model's one instance many times over
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Served:
-    """A ``ferry serve`` process on 127.0.0.1."""
-
-    def __init__(self, repository: Path, transport: str) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository)]
-        command += ["--host", "127.0.0.1", "--grpc-port", str(self.port), "--http-port", "-1"]
-        command += ["--transport", transport, "--shutdown-grace-s", "2", "--log-level", "WARNING"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while True:  # the port opens before the models have loaded: poll until the health service says SERVING
-            try:
-                wait_serving(self.address, timeout_s=10)
-                break
-            except (RuntimeError, grpc.RpcError):
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.kill()
-                    raise
-                time.sleep(0.2)
-
-    def sigterm_exits_within(self, seconds: float) -> bool:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(seconds)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
 @pytest.fixture(params=["ferry", "grpcio"])
-def served(request: pytest.FixtureRequest, example_repo: Path) -> Iterator[Served]:
-    process = Served(example_repo, request.param)
+def served(request: pytest.FixtureRequest, example_repo: Path) -> Iterator[FerryProcess]:
+    process = FerryProcess(
+        example_repo, "--transport", request.param, "--shutdown-grace-s", "2", "--log-level", "WARNING"
+    )
+    process.start()
     try:
         yield process
     finally:
-        process.kill()
+        process.stop()
 
 
 def mlp_body(seed: int) -> bytes:
@@ -144,32 +100,34 @@ def mlp_answers(address: str) -> None:
             assert reply.outputs[0].shape == [1, 10]
 
 
-def cancel_in_the_same_read(served: Served) -> None:
+def send_rounds(served: FerryProcess, call: Callable[[int, int], bytes]) -> None:
+    """Four writes of CALLS calls each on one connection, ``call(stream id, i)`` the frames of one; what the server
+    answers is read between them."""
+    with raw_connection(served.address) as sock:
+        for round_ in range(4):
+            sock.sendall(b"".join(call(1 + 2 * (round_ * CALLS + i), i) for i in range(CALLS)))
+            read_for(sock, 0.2)
+
+
+def cancel_in_the_same_read(served: FerryProcess) -> None:
     """Each request and its RST_STREAM in one write: the reset is read in the turn that started the handler."""
-    with raw_connection(served.address) as sock:
-        for round_ in range(4):
-            out = b""
-            for i in range(CALLS):
-                sid = 1 + 2 * (round_ * CALLS + i)
-                out += request_frames(served.address, sid, mlp_body(i)) + frame(RST_STREAM, 0, sid, U32.pack(CANCEL))
-            sock.sendall(out)
-            read_for(sock, 0.2)
+
+    def call(sid: int, i: int) -> bytes:
+        return request_frames(served.address, sid, mlp_body(i)) + frame(RST_STREAM, 0, sid, U32.pack(CANCEL))
+
+    send_rounds(served, call)
 
 
-def expire_at_once(served: Served) -> None:
+def expire_at_once(served: FerryProcess) -> None:
     """Deadlines of a microsecond: most expire before, some while, the handler first runs."""
-    with raw_connection(served.address) as sock:
-        for round_ in range(4):
-            out = b""
-            for i in range(CALLS):
-                sid = 1 + 2 * (round_ * CALLS + i)
-                timeout = (b"grpc-timeout", f"{1 + i % 5 * 200}u".encode())
-                out += request_frames(served.address, sid, mlp_body(i), timeout)
-            sock.sendall(out)
-            read_for(sock, 0.2)
+
+    def call(sid: int, i: int) -> bytes:
+        return request_frames(served.address, sid, mlp_body(i), (b"grpc-timeout", f"{1 + i % 5 * 200}u".encode()))
+
+    send_rounds(served, call)
 
 
-def lose_the_connection(served: Served) -> None:
+def lose_the_connection(served: FerryProcess) -> None:
     """Requests, then the connection reset under them (SO_LINGER 0): read in the same turn as the loss."""
     for _ in range(8):
         sock = raw_connection(served.address)
@@ -180,9 +138,9 @@ def lose_the_connection(served: Served) -> None:
 
 
 @pytest.mark.parametrize("end_calls", [cancel_in_the_same_read, expire_at_once, lose_the_connection])
-def test_calls_ended_before_their_handler_ran_give_back_what_they_held(served: Served, end_calls) -> None:  # type: ignore[no-untyped-def]
+def test_calls_ended_before_their_handler_ran_give_back_what_they_held(served: FerryProcess, end_calls) -> None:  # type: ignore[no-untyped-def]
     mlp_answers(served.address)
     end_calls(served)
     mlp_answers(served.address)  # the model version is not wedged
     assert served.sigterm_exits_within(15), "SIGTERM did not end the server: something still holds the model"
-    assert served.process.returncode == 0 or os.name != "posix"
+    assert served.proc is not None and served.proc.returncode == 0

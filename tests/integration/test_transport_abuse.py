@@ -16,12 +16,8 @@ import contextlib
 import gzip
 import itertools
 import math
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +30,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from client._proto import grpc_service_pb2_grpc as pb_grpc
+from loadtest.bench import cpu_seconds
 from server.http2 import (
     CANCEL,
     COMPRESSION_ERROR,
@@ -67,7 +64,8 @@ from server.http2 import (
     literal,
 )
 from tests.rawh2 import INFER, RawConn, grpc_message, mlp_request, ok_reply, tiny_request
-from tests.serving import wait_serving
+from tests.serving import FerryProcess as Ferry
+from tests.serving import rss_kib
 
 MiB = 1 << 20
 DEADLINE_S = 1.0  # each bystander call's deadline
@@ -86,7 +84,6 @@ RESETS_ALLOWED = 1300  # streams reset before the GOAWAY: the burst of ~1,000, a
 
 HEALTH_CHECK = b"/grpc.health.v1.Health/Check"
 REFLECTION = b"/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
-FERRY = Path(sys.executable).with_name("ferry")
 REQUESTS = (tiny_request("bystander"), mlp_request("bystander"))
 TINY_BODY = grpc_message(tiny_request("tiny").SerializeToString())
 
@@ -94,58 +91,18 @@ TINY_BODY = grpc_message(tiny_request("tiny").SerializeToString())
 # --- the server: ferry serve in a subprocess -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Ferry:
-    """``ferry serve`` in a subprocess on a free port, serving tiny and mlp; stopped with SIGTERM."""
-
-    def __init__(self, repository: Path, log: Path) -> None:
-        self.repository = repository
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        command = [str(FERRY), "serve", "--model-repository", str(self.repository), "--host", "127.0.0.1"]
-        command += ["--grpc-port", str(port), "--http-port", "-1"]
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        wait_serving(self.address, timeout_s=60)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+def answers(ferry: Ferry) -> bool:
+    """Whether it runs and answers tiny and mlp on a new connection within 2 s."""
+    if ferry.proc is None or ferry.proc.poll() is not None:
+        return False
+    with grpc.insecure_channel(ferry.address) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def answers(self) -> bool:
-        """Whether it runs and answers tiny and mlp on a new connection within 2 s."""
-        if self.proc is None or self.proc.poll() is not None:
+            for request in REQUESTS:
+                infer(request, timeout=2.0)
+        except grpc.RpcError:
             return False
-        with grpc.insecure_channel(self.address) as channel:
-            infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-            try:
-                for request in REQUESTS:
-                    infer(request, timeout=2.0)
-            except grpc.RpcError:
-                return False
-        return True
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +110,7 @@ def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     root = tmp_path_factory.mktemp("abuse")
     for name in ("tiny", "mlp"):
         shutil.copytree(example_repo / name, root / name)
-    ferry = Ferry(root, root / "ferry.log")
+    ferry = Ferry(root, log=root / "ferry.log")
     try:
         ferry.start()
         yield ferry
@@ -165,7 +122,7 @@ def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def ferry(server: Ferry) -> Ferry:
     """The module's server, restarted first if an earlier test left it unable to answer (so that one failure does
     not fail every test after it)."""
-    if not server.answers():
+    if not answers(server):
         server.stop()
         server.start()
     return server
@@ -175,18 +132,14 @@ def ferry(server: Ferry) -> Ferry:
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError(f"process {pid} has no VmRSS")
+    return rss_kib(pid) / 1024
 
 
 def cpu_s(pid: int) -> float:
     """User and system CPU time the process has used."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    used = cpu_seconds(pid)
+    assert used is not None, f"no CPU time for process {pid}"
+    return used
 
 
 def least_busy(pid: int) -> float:
@@ -381,7 +334,9 @@ def test_header_blocks_of_thousands_of_empty_fields_are_goaway_enhance_your_calm
     outcome.check()
 
 
-def test_header_blocks_of_thousands_of_table_size_updates_are_goaway_compression_error_at_once(ferry: Ferry) -> None:
+def test_header_blocks_of_thousands_of_table_size_updates_are_goaway_compression_error_at_once(
+    ferry: Ferry,
+) -> None:
     """8,000 dynamic table size updates (0x20: size 0) before a request's fields: more than two in a block is a
     COMPRESSION_ERROR, at the first block."""
     with under_attack(ferry) as outcome, RawConn(ferry.address) as conn:
