@@ -65,6 +65,7 @@ from server.http2 import (  # the echo servers and tests use these through this 
     literal,
     messages,
     percent_decoded,
+    size_update,
 )  # fmt: skip
 
 RECEIVE_WINDOW = 1 << 24
@@ -152,6 +153,8 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._headers = HeaderBlocks()
         self._blocks: dict[tuple[str, float | None], bytes] = {}
+        self._table_size = 4096  # the server's SETTINGS_HEADER_TABLE_SIZE until it says otherwise
+        self._owed = b""  # a table size update owed at the start of the next header block (RFC 7541 §4.2)
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -206,6 +209,8 @@ class Connection(asyncio.Protocol):
         self.next_id += 2
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         stream = self.streams[stream_id] = _Stream(stream_id, self.peer_window, on_message, deadline)
+        if self._owed:  # the server lowered our table (Ferry's to 0): say so, and its blocks repeat byte for byte
+            block, self._owed = self._owed + block, b""
         headers = frame(HEADERS, END_HEADERS, stream_id, block)
         if data and self._fits(stream, len(data)):
             self.transport.write(headers + frame(DATA, END_STREAM, stream_id, data))  # one syscall for the call
@@ -372,6 +377,9 @@ class Connection(asyncio.Protocol):
                     stream.send_window += delta
             elif key == MAX_FRAME_SIZE:
                 self.max_frame = value
+            elif key == HEADER_TABLE_SIZE and value < self._table_size:  # we never index: nothing to evict
+                self._table_size = value
+                self._owed = size_update(value)
         if self.transport is not None:
             self.transport.write(frame(SETTINGS, ACK, 0))
         if not self.settled.done():

@@ -64,6 +64,12 @@ def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
     return bytes(out)
 
 
+def size_update(size: int) -> bytes:
+    """A dynamic table size update (RFC 7541 §6.3): what an encoder owes at the start of its next block once the
+    peer's SETTINGS_HEADER_TABLE_SIZE lowered the table below what it used."""
+    return _hpack_int(size, 5, 0x20)
+
+
 def literal(name: bytes | int, value: bytes) -> bytes:
     """A literal header field without indexing (RFC 7541 §6.2.2); ``name`` a static-table index or a new name."""
     head = _hpack_int(name, 4) if isinstance(name, int) else b"\x00" + _hpack_int(len(name), 7) + name

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from server.http2 import Fields, _hpack_int, literal, percent_encoded
+from server.http2 import Fields, _hpack_int, literal, percent_encoded, size_update
 
 # --- requests -------------------------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ class ReplyEncoder:
         if size != self._limit:
             self._limit = size
             self._entries.clear()
-            self._update = _hpack_int(0, 5, 0x20) + (_hpack_int(min(size, _DEFAULT_TABLE), 5, 0x20) if size else b"")
+            self._update = size_update(0) + (size_update(min(size, _DEFAULT_TABLE)) if size else b"")
             self._head = self._ok = None
 
     def _field(self, entry: tuple[bytes, bytes], name: bytes | int) -> bytes:

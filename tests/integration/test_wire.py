@@ -164,3 +164,27 @@ def test_a_refused_connection_and_a_malformed_target() -> None:
 )
 def test_grpc_timeout_values(seconds: float, value: bytes) -> None:
     assert wire.grpc_timeout(seconds) == value
+
+
+def test_the_client_signals_the_servers_smaller_hpack_table() -> None:
+    """Ferry's transport advertises an HPACK table of 0 bytes; RFC 7541 §4.2 has the client's next block start
+    with a size update. Then its blocks mean the same bytes for bytes, and the server decodes each one once."""
+    from server.transport import Services, Transport
+
+    async def test() -> None:
+        services = Services()
+        services.add_generic_rpc_handlers((_handlers(),))
+        transport = Transport(services)
+        port = await transport.start("127.0.0.1", 0)
+        try:
+            conn = await wire.open_connection(f"127.0.0.1:{port}")
+            for _ in range(3):
+                assert await conn.unary(method("Echo"), b"hello", 5) == "OK"
+            [server_side] = transport.connections
+            assert server_side.headers._table.maxsize == 0
+            assert len(server_side.headers._decoded) == 2  # the first (with the update), then one for the other two
+            conn.close()
+        finally:
+            await transport.stop(0.5)
+
+    asyncio.run(test())
