@@ -10,9 +10,11 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# ferry-client (client/, its own distribution) first, editable, so the server's `ferry-client==X` pin finds it installed
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ./client
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -55,15 +57,15 @@ protos: $(STAMP)
 # Every figure in BENCHMARKS.md, each as a ratio to a baseline measured in the same run (about 40 minutes):
 # Ferry's own load generator is cross-checked against perf_analyzer, and MLServer gets its own venv.
 bench: models perf-deps
-	$(BIN)/python -m loadtest.bench --models $(MODELS) --out bench-out
-	$(BIN)/python -m loadtest.bench_batching --models $(MODELS) --out bench-out
-	$(BIN)/python -m loadtest.bench_observability --models $(MODELS) --out bench-out
-	$(BIN)/python -m loadtest.bench_switched --models $(MODELS) --out bench-out
-	$(BIN)/python -m loadtest.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md
-	$(BIN)/python -m loadtest.kernel_bench --models $(MODELS) --out bench-out
-	$(BIN)/python -m loadtest.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md
-	bash loadtest/mlserver/setup.sh
-	$(BIN)/python -m loadtest.mlserver.compare --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	$(BIN)/python -m benchmarks.bench --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.bench_batching --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.bench_observability --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.bench_switched --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	$(BIN)/python -m benchmarks.kernel_bench --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	bash benchmarks/mlserver/setup.sh
+	$(BIN)/python -m benchmarks.mlserver.compare --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(MODELS) bench-out .pytest_cache .mypy_cache .ruff_cache tests/interop/node_modules

@@ -2,7 +2,7 @@
 
 Importing it loads grpc, protobuf and numpy only (never onnxruntime, numba or the server)::
 
-    from client import Client, NotFound
+    from ferry.client import Client, NotFound
 
     with Client("127.0.0.1:8001", timeout_s=5.0) as client:
         outputs = client.infer("mlp", {"input": x})
@@ -10,8 +10,8 @@ Importing it loads grpc, protobuf and numpy only (never onnxruntime, numba or th
 Every failed call raises a ``FerryError`` subclass named after its gRPC status code.
 """
 
-from client.client import AsyncClient, Client, ClientOptions, InferRequest, InferResult
-from client.errors import (
+from ferry.client.client import AsyncClient, Client, ClientOptions, InferRequest, InferResult
+from ferry.client.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -25,7 +25,7 @@ from client.errors import (
     Unavailable,
     Unimplemented,
 )
-from client.outcomes import Outcome, OutcomeReport
+from ferry.client.outcomes import Outcome, OutcomeReport
 
 __all__ = [
     "AsyncClient",

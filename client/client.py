@@ -9,10 +9,10 @@ One implementation: ``Client`` runs a private event loop in a daemon thread and 
     async with AsyncClient("127.0.0.1:8001") as client:
         result = await client.infer_result("digits", {"input": x})  # outputs + model_version + id
 
-Tensors travel as raw contents both ways (``client.tensors``); numpy str/bytes/object arrays are BYTES. Output
+Tensors travel as raw contents both ways (``ferry.client.tensors``); numpy str/bytes/object arrays are BYTES. Output
 arrays are read-only views over the response bytes: copy one before writing to it.
 
-Every failed RPC raises the ``client.errors.FerryError`` subclass of its status code (``NotFound``,
+Every failed RPC raises the ``ferry.client.errors.FerryError`` subclass of its status code (``NotFound``,
 ``InvalidArgument``, ``Unavailable``, ...), chained to the ``grpc.aio.AioRpcError``. Unary calls are retried
 on UNAVAILABLE only, with capped, jittered exponential backoff, and never past the call's deadline; an answer
 that arrives after the deadline raises ``DeadlineExceeded`` as well.
@@ -43,10 +43,10 @@ from typing import Any, TypedDict, TypeVar, Unpack
 import grpc
 import numpy as np
 
-from client._proto import ferry_pb2_grpc as fpb_grpc
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.errors import (
+from ferry.client._proto import ferry_pb2_grpc as fpb_grpc
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client.errors import (
     STATUS_CODE_PARAMETER,
     DeadlineExceeded,
     FerryError,
@@ -55,9 +55,9 @@ from client.errors import (
     Unavailable,
     error_for_status,
 )
-from client.multiplex import StreamMultiplexer
-from client.outcomes import Outcome, OutcomeReport, Truth, decode_report, encode_outcomes
-from client.tensors import DATATYPES, datatype_of, from_contents, from_raw, to_raw
+from ferry.client.multiplex import StreamMultiplexer
+from ferry.client.outcomes import Outcome, OutcomeReport, Truth, decode_report, encode_outcomes
+from ferry.client.tensors import DATATYPES, datatype_of, from_contents, from_raw, to_raw
 
 __all__ = ["AsyncClient", "Client", "ClientOptions", "InferRequest", "InferResult"]
 
@@ -208,7 +208,7 @@ class AsyncClient:
     raises a ``FerryError`` subclass on failure. Where a response message wraps one field, that is returned.
 
     ``multiplex=True`` sends ``infer`` calls over one shared ``ModelStreamInfer`` stream instead of one unary call
-    each (see ``client.multiplex``): the same API and errors, with the server's cheaper per-message path.
+    each (see ``ferry.client.multiplex``): the same API and errors, with the server's cheaper per-message path.
     """
 
     def __init__(
@@ -332,7 +332,7 @@ class AsyncClient:
         ``outcomes`` maps request ids to values (an ``int`` class label, ``float`` regression target or ``str``
         class label; row 0), or is a sequence of ``Outcome(request_id, value, row)``. Only a model whose
         config.pbtxt sets ``outcome_output`` remembers predictions, and only of requests sent with a
-        ``request_id``; others come back unmatched (see ``client.outcomes``). A malformed outcome raises
+        ``request_id``; others come back unmatched (see ``ferry.client.outcomes``). A malformed outcome raises
         ``InvalidArgument`` and nothing is recorded."""
         request = encode_outcomes(model, outcomes)
         self._get_stub()  # opens the channel the outcome stub shares

@@ -14,8 +14,8 @@ dtype (``TypeError``) and shape (``ValueError``) before anything is sent. Names 
 the generated code keeps the mapping. The SDK has no version labels, so neither has the generated code.
 
 Offline, a config that declares its inputs and outputs is taken as declared; one that does not is completed from
-the latest version's ONNX graph by the server's own code (``server.modelconfig``, ``server.preprocess``), the one
-place here that needs the server installed.
+the latest version's ONNX graph by the server's own code (``ferry.server.models.modelconfig``,
+``ferry.server.models.preprocess``), the one place here that needs the server installed.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from client._proto import model_config_pb2 as mc
-from client.client import Client
-from client.errors import FerryError
-from client.tensors import DATATYPES
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.client import Client
+from ferry.client.errors import FerryError
+from ferry.client.tensors import DATATYPES
 
 __all__ = ["CodegenError", "Signature", "Tensor", "add_arguments", "from_repository", "from_server", "render", "run"]
 
@@ -133,7 +133,7 @@ def _from_directory(path: Path) -> Signature:
 
 
 def _served_versions(config: Any, available: list[int]) -> list[int]:
-    """The versions the config's policy serves (as ``server.modelconfig.select_versions`` picks them)."""
+    """The versions the config's policy serves (as ``ferry.server.models.modelconfig.select_versions`` picks them)."""
     policy = config.version_policy
     choice = policy.WhichOneof("policy_choice")
     if choice == "all":
@@ -149,15 +149,16 @@ def _complete(config: Any, model_dir: Path, model_file: Path) -> Any:
     try:
         import onnxruntime as ort
 
-        from server.modelconfig import GraphTensor, complete_config
-        from server.preprocess import Pipeline
+        from ferry.server.models.modelconfig import GraphTensor, complete_config
+        from ferry.server.models.preprocess import Pipeline
     except ImportError as err:
         raise CodegenError(
             f"model {model_dir.name!r}: config.pbtxt does not declare its inputs and outputs, and reading them from "
             f"the ONNX graph needs the Ferry server installed ({err}); declare them, or generate with --target"
         ) from None
 
-    def graph(args: list[Any]) -> list[GraphTensor]:  # as server.model reads a session's inputs and outputs
+    # as ferry.server.models.model reads a session's inputs and outputs
+    def graph(args: list[Any]) -> list[GraphTensor]:
         return [
             GraphTensor(a.name, a.type, tuple(d if isinstance(d, int) and d >= 0 else None for d in a.shape))
             for a in args
@@ -199,8 +200,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from client import AsyncClient, Client
-from client.tensors import DATATYPES
+from ferry.client import AsyncClient, Client
+from ferry.client.tensors import DATATYPES
 
 __all__ = [{exports}
 ]
@@ -297,7 +298,7 @@ class {sync}:
 {arg_docs}
 
         Raises TypeError (a wrong dtype) or ValueError (a wrong shape, an unknown output) before sending anything,
-        and a ``client.errors.FerryError`` when the server fails the call.
+        and a ``ferry.client.errors.FerryError`` when the server fails the call.
         """
         inputs, selected = {spec}.request({values}, outputs)
         answer = self.client.infer({spec}.name, inputs, version, outputs=selected, timeout=timeout)

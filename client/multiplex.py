@@ -22,8 +22,8 @@ from typing import Any
 
 import grpc
 
-from client._proto import grpc_service_pb2 as pb
-from client.errors import STATUS_CODE_PARAMETER, DeadlineExceeded, FerryError, Unavailable, error_for_status
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client.errors import STATUS_CODE_PARAMETER, DeadlineExceeded, FerryError, Unavailable, error_for_status
 
 
 class StreamMultiplexer:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from client._proto import ferry_pb2 as fpb
+from ferry.client._proto import ferry_pb2 as fpb
 
 __all__ = ["Outcome", "OutcomeReport", "Truth"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from client.errors import InvalidArgument
+from ferry.client.errors import InvalidArgument
 
 __all__ = [
     "DATATYPES",

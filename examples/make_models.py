@@ -46,7 +46,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from server.drift import DriftReference
+from ferry.server.observability.drift import DriftReference
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that goes with opset 17; onnxruntime 1.32 loads up to IR 11
@@ -258,7 +258,8 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 def drift_reference(x_train: np.ndarray) -> bytes:
     """``drift_reference.npz`` beside the digits versions: per-feature bin edges, histogram counts, means and
-    variances of the training split (``server.drift.DriftReference``); its presence turns drift monitoring on."""
+    variances of the training split (``ferry.server.observability.drift.DriftReference``); its presence turns
+    drift monitoring on."""
     return DriftReference.from_training(x_train).to_bytes()
 
 

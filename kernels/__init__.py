@@ -1,9 +1,9 @@
 """Numeric kernels (numpy reference + Numba fast path) for preprocessing and statistics; no asyncio, no gRPC.
 
-- :mod:`kernels.image`: uint8 NHWC images to normalized float32 NCHW (crop, bilinear resize, channel order);
-- :mod:`kernels.tabular`: per-feature impute / clip / standardize / min-max in one call, integer one-hot;
-- :mod:`kernels.hashing`: strings to bucket ids by MurmurHash3 (stable across processes);
-- :mod:`kernels.stats`: per-feature histograms and running moments for drift detection.
+- :mod:`ferry.kernels.image`: uint8 NHWC images to normalized float32 NCHW (crop, bilinear resize, channel order);
+- :mod:`ferry.kernels.tabular`: per-feature impute / clip / standardize / min-max in one call, integer one-hot;
+- :mod:`ferry.kernels.hashing`: strings to bucket ids by MurmurHash3 (stable across processes);
+- :mod:`ferry.kernels.stats`: per-feature histograms and running moments for drift detection.
 
 Every Numba kernel is ``@njit(cache=True, nogil=True, error_model="numpy")``: compiled code is cached on disk
 (``__pycache__`` beside the source, or ``NUMBA_CACHE_DIR``), the GIL is released while it runs, and a division by

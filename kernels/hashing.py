@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numba
 import numpy as np
 
-from kernels import frozen
+from ferry.kernels import frozen
 
 _C1, _C2 = 0xCC9E2D51, 0x1B873593
 _M32 = 0xFFFFFFFF

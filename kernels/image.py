@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from kernels import frozen
+from ferry.kernels import frozen
 
 CHANNEL_ORDERS = ("RGB", "BGR")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from kernels import frozen
+from ferry.kernels import frozen
 
 
 def histogram_ref(x: np.ndarray, edges: np.ndarray) -> np.ndarray:

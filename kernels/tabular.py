@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from kernels import frozen
+from ferry.kernels import frozen
 
 IMPUTE, CLIP, STANDARDIZE, MINMAX = 0, 1, 2, 3
 STEP_CODES = {"impute": IMPUTE, "clip": CLIP, "standardize": STANDARDIZE, "minmax": MINMAX}

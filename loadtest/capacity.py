@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loadtest.steps import StepResult
+from ferry.loadtest.steps import StepResult
 
 KEEP_UP = 0.95
 """A step is stable only if answers arrived at >= 95% of the rate requests were sent in the window: below that

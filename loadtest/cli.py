@@ -63,8 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="share of requests repeating a few fixed ones (exercises the result cache)",
     )
-    p.add_argument("--client", choices=("wire", "grpcio"), default="wire", help="wire: loadtest.wire, gRPC written "
-                   "onto HTTP/2 (about perf_analyzer's CPU per call); grpcio: grpc.aio, 2-3x that (wire)")  # fmt: skip
+    p.add_argument("--client", choices=("wire", "grpcio"), default="wire", help="wire: ferry.loadtest.wire, gRPC "
+                   "written onto HTTP/2 (about perf_analyzer's CPU per call); grpcio: grpc.aio, 2-3x that "
+                   "(wire)")  # fmt: skip
     p.add_argument("--processes", type=int, default=default_processes(), help="load generator processes (default: "
                    "one per CPU, at most 4)")  # fmt: skip
     p.add_argument("--max-requests", type=int, default=1_000_000, metavar="N", help="cap on requests per step")
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"ferry loadtest: {err}", file=sys.stderr)
         return 2
-    from loadtest.session import Session  # the load generator, numpy and matplotlib load only now
+    from ferry.loadtest.session import Session  # the load generator, numpy and matplotlib load only now
 
     try:
         session = Session.open(args)

@@ -2,11 +2,11 @@
 
 Each worker process (started with ``spawn``) owns one event loop (uvloop when installed), one connection to the
 target, and the step it is told to run: a closed loop of ``concurrency`` slots, each sending its next request when
-the previous one answers, or an open loop that sends on a fixed schedule (:mod:`loadtest.schedule`) whatever the
+the previous one answers, or an open loop that sends on a fixed schedule (:mod:`ferry.loadtest.schedule`) whatever the
 server does. Unary mode calls ``ModelInfer`` with the prepared request bytes and does not parse the reply; stream
 mode sends on one ``ModelStreamInfer`` stream per worker, matching answers to requests by ``id``.
 
-Two clients carry the calls: :mod:`loadtest.wire` (the default: gRPC written straight onto HTTP/2, about
+Two clients carry the calls: :mod:`ferry.loadtest.wire` (the default: gRPC written straight onto HTTP/2, about
 perf_analyzer's CPU per call) and grpcio's ``grpc.aio`` (``--client grpcio``: the reference implementation, 2-3x the
 CPU per call). Both sit behind the same small interface, :class:`WireClient` and :class:`GrpcioClient`.
 
@@ -32,15 +32,15 @@ from typing import Any, Protocol
 
 import grpc
 
-from client._proto import grpc_service_pb2 as pb
-from loadtest import wire
-from loadtest.histogram import Histogram
-from loadtest.schedule import intended_offsets
-from loadtest.workload import RequestMaker, Workload
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.loadtest import wire
+from ferry.loadtest.histogram import Histogram
+from ferry.loadtest.schedule import intended_offsets
+from ferry.loadtest.workload import RequestMaker, Workload
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
-STATUS_CODE_PARAMETER = "ferry_status_code"  # client.errors keeps its own name private; the wire name is stable
+STATUS_CODE_PARAMETER = "ferry_status_code"  # ferry.client.errors keeps its own name private; the wire name is stable
 PROGRESS_INTERVAL_S = 0.5
 MAX_IN_FLIGHT = 4096
 """Open loop: requests outstanding per worker before sending waits (still charged from the intended time)."""
@@ -129,7 +129,7 @@ class Client(Protocol):
 
 
 class WireClient:
-    """:mod:`loadtest.wire` connections; a new one is opened when the server has closed or is closing the last."""
+    """:mod:`ferry.loadtest.wire` connections; a new one is opened when the server has closed or is closing the last."""
 
     def __init__(self, target: str) -> None:
         self.target = target

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.steps import StepResult
+from ferry.loadtest.steps import StepResult
 
 DPI = 100
 SIZE = (7.0, 4.2)

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from loadtest.steps import StepResult
+from ferry.loadtest.steps import StepResult
 
 PLAIN_EVERY_S = 1.0
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from loadtest.steps import PERCENTILES, StepResult, pct_key
+from ferry.loadtest.steps import PERCENTILES, StepResult, pct_key
 
 LATENCY_NOTE = (
     "Latency is measured from each request's *intended* send time. In open-loop steps requests are sent on a fixed "

@@ -1,9 +1,9 @@
 """Runs steps on a pool of load-generator processes and takes the server's statistics around each window.
 
 The parent process never sends load: it starts ``processes`` workers (``multiprocessing`` with ``spawn``, each
-with its own GIL and event loop; :mod:`loadtest.generator`), hands each its share of a step (concurrency split
+with its own GIL and event loop; :mod:`ferry.loadtest.generator`), hands each its share of a step (concurrency split
 evenly, or rate / workers), and while they run it reads their progress, snapshots ``ModelStatistics`` at the start
-and end of the measurement window, and finally merges their tallies (:func:`loadtest.steps.summarize`).
+and end of the measurement window, and finally merges their tallies (:func:`ferry.loadtest.steps.summarize`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 
-from loadtest import serverview
-from loadtest.generator import CLIENTS, StepPlan, worker_main
-from loadtest.histogram import Histogram
-from loadtest.schedule import split_evenly
-from loadtest.steps import StepResult, StepSpec, summarize
-from loadtest.workload import Workload
+from ferry.loadtest import serverview
+from ferry.loadtest.generator import CLIENTS, StepPlan, worker_main
+from ferry.loadtest.histogram import Histogram
+from ferry.loadtest.schedule import split_evenly
+from ferry.loadtest.steps import StepResult, StepSpec, summarize
+from ferry.loadtest.workload import Workload
 
 START_LEAD_S = 0.25  # between handing out a step and its first request: time for every worker to receive it
 READY_TIMEOUT_S = 60
@@ -44,7 +44,7 @@ class RunConfig:
     timeout_s: float = 10.0  # per request; also bounds the drain after each window
     max_requests: int = 1_000_000  # per step, over all workers
     seed: int = 0
-    client: str = "wire"  # "wire" (loadtest.wire) | "grpcio"
+    client: str = "wire"  # "wire" (ferry.loadtest.wire) | "grpcio"
 
     def __post_init__(self) -> None:
         if self.mode not in ("unary", "stream"):

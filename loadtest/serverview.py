@@ -13,9 +13,9 @@ from typing import Any
 
 import grpc
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from loadtest.workload import InputSpec, ModelSpec
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.loadtest.workload import InputSpec, ModelSpec
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 
-from loadtest import capacity, plots, report, serverview, workload
-from loadtest.progress import Progress, make_progress
-from loadtest.runner import LoadTest, RunConfig
-from loadtest.steps import StepResult, StepSpec
+from ferry.loadtest import capacity, plots, report, serverview, workload
+from ferry.loadtest.progress import Progress, make_progress
+from ferry.loadtest.runner import LoadTest, RunConfig
+from ferry.loadtest.steps import StepResult, StepSpec
 
 PROBE_CONCURRENCY = 8
 START_FRACTION = 0.8  # the search starts at this share of the best throughput seen: usually one step from the knee

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from loadtest.histogram import Histogram
+from ferry.loadtest.histogram import Histogram
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 

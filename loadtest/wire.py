@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from server.http2 import (  # the echo servers and tests use these through this module too
+from ferry.server.transport.http2 import (  # the echo servers and tests use these through this module too
     ACK,
     CONTINUATION,
     DATA,

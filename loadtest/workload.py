@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from client._proto import grpc_service_pb2 as pb
-from client.tensors import DATATYPES, to_raw
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client.tensors import DATATYPES, to_raw
 
 VARIANTS_PER_ROWS = 4
 HOT_REQUESTS = 4

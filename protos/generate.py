@@ -1,4 +1,4 @@
-"""Compile protos/*.proto into the ``client._proto`` package: messages, typing stubs and gRPC stubs.
+"""Compile protos/*.proto into the ``ferry.client._proto`` package: messages, typing stubs and gRPC stubs.
 
 Usage: ``python protos/generate.py [--out DIR]`` (default: ``client/_proto`` in the repository).
 
@@ -6,7 +6,7 @@ protoc's output is post-processed in two ways, both needed for it to work as a p
 
 * its absolute imports of sibling modules (``import model_config_pb2 as ...``) become package-relative
   (``from . import model_config_pb2 as ...``);
-* the modules register their descriptors in a private pool, ``client._proto.POOL``, instead of protobuf's
+* the modules register their descriptors in a private pool, ``ferry.client._proto.POOL``, instead of protobuf's
   default pool. tritonclient registers Triton's own ``model_config.proto`` and ``grpc_service.proto`` in the
   default pool under the same file names, and the default pool refuses a second, different file of the same
   name, so Ferry and tritonclient could not otherwise be imported in one process.
@@ -56,7 +56,7 @@ def _replace_once(text: str, old: str, new: str, filename: str) -> str:
 
 
 def postprocess(filename: str, text: str) -> str:
-    """Make one generated file importable as part of the ``client._proto`` package."""
+    """Make one generated file importable as part of the ``ferry.client._proto`` package."""
     text = _SIBLING_IMPORT.sub(r"from . import \1 as \2", text)
     if filename.endswith("_pb2.py"):
         text = _replace_once(text, _DEFAULT_POOL, _PRIVATE_POOL, filename)
@@ -107,7 +107,7 @@ def generate(out_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Compile protos/*.proto into the client._proto package.")
+    parser = argparse.ArgumentParser(description="Compile protos/*.proto into the ferry.client._proto package.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output package (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     return generate(args.out)

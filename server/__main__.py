@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.errors import FerryError
-from server import __version__
-from server.app import run, serve
-from server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
+from ferry.client.errors import FerryError
+from ferry.server import __version__
+from ferry.server.app import run, serve
+from ferry.server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -76,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
     )
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
-    from loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
+    from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
     add_arguments(commands.add_parser("loadtest", help="load-test a server, find its capacity, plan replicas"))
-    from client.codegen import add_arguments as add_client_arguments  # argparse only, as for loadtest
+    from ferry.client.codegen import add_arguments as add_client_arguments  # argparse only, as for loadtest
 
     add_client_arguments(commands.add_parser("client", help="client tools: generate typed per-model clients"))
     return parser
@@ -88,11 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "loadtest":
-        from loadtest.cli import run as loadtest
+        from ferry.loadtest.cli import run as loadtest
 
         return loadtest(args)
     if args.command == "client":
-        from client.codegen import run as client_command
+        from ferry.client.codegen import run as client_command
 
         return client_command(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,5 +1,5 @@
 """Composition root: builds the gRPC and HTTP listeners around one model repository. gRPC is carried by Ferry's own
-HTTP/2 transport (:mod:`server.transport`) or, with ``transport="grpcio"``, by grpc.aio.
+HTTP/2 transport (:mod:`ferry.server.transport`) or, with ``transport="grpcio"``, by grpc.aio.
 
 Creating the server (:meth:`FerryServer.start`, which returns once models are loaded and the ports are bound) is
 separate from running it until a signal (:func:`serve`), so tests start it on port 0 and stop it in ``finally``.
@@ -22,22 +22,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client.core import Metric
 
-from client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.errors import Unavailable
-from server.cache import ResultCache
-from server.config import ServerConfig
-from server.http import create_http_app
-from server.loopwatch import LoopWatch
-from server.metrics import FerryCollector, exposition, registry_for
-from server.monitoring import Monitoring, metric_families
-from server.outcomes import SERVICE_NAME as OUTCOME_SERVICE
-from server.outcomes import OutcomeServicer, OutcomeTracker
-from server.predlog import PredictionLog, PredictionLogSettings
-from server.repository import ModelRepository
-from server.servicer import SERVICE_NAME, InferenceServicer
-from server.telemetry import Tracing
-from server.transport import Limits, Services, Transport
+from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client.errors import Unavailable
+from ferry.server.api.http import create_http_app
+from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
+from ferry.server.config import ServerConfig
+from ferry.server.inference.cache import ResultCache
+from ferry.server.models.repository import ModelRepository
+from ferry.server.observability.loopwatch import LoopWatch
+from ferry.server.observability.metrics import FerryCollector, exposition, registry_for
+from ferry.server.observability.monitoring import Monitoring, metric_families
+from ferry.server.observability.outcomes import SERVICE_NAME as OUTCOME_SERVICE
+from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker
+from ferry.server.observability.predlog import PredictionLog, PredictionLogSettings
+from ferry.server.observability.telemetry import Tracing
+from ferry.server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def reflection_pool() -> DescriptorPool:
     """A pool describing every service served, so grpcurl and other reflection clients need no local .proto: Ferry's
-    files live in ``client._proto.POOL``, health's and reflection's in protobuf's default pool."""
+    files live in ``ferry.client._proto.POOL``, health's and reflection's in protobuf's default pool."""
     pool = DescriptorPool()
     added: set[str] = set()
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.errors import InvalidArgument
+from ferry.client.errors import InvalidArgument
 
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
@@ -45,7 +45,7 @@ class ServerConfig:
     refused (REFUSED_STREAM, which gRPC clients retry)."""
 
     transport: str = "ferry"
-    """What carries gRPC: "ferry", Ferry's own HTTP/2 transport (:mod:`server.transport`: 2-3x the calls per
+    """What carries gRPC: "ferry", Ferry's own HTTP/2 transport (:mod:`ferry.server.transport`: 2-3x the calls per
     second of grpcio's on the same cores), or "grpcio", grpc.aio's server."""
 
     intra_op_threads: int = 0

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from client._proto import grpc_service_pb2 as pb
-from server.http2 import (
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.server.transport.http2 import (
     ACK,
     DATA,
     END_HEADERS,

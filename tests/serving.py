@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import FerryServer
-from server.config import ServerConfig
-from server.telemetry import NO_TRACING, Tracing
+from ferry.server.app import FerryServer
+from ferry.server.config import ServerConfig
+from ferry.server.observability.telemetry import NO_TRACING, Tracing
 
 
 class BackgroundServer:
@@ -95,7 +95,7 @@ class FerryProcess:
     def start(self) -> None:
         port = free_port()
         self.address = f"127.0.0.1:{port}"
-        command = [sys.executable, "-m", "server", "serve", "--model-repository", str(self.repository)]
+        command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(self.repository)]
         command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "-1", *self.args]
         with contextlib.ExitStack() as files:
             err = files.enter_context(self.log.open("ab")) if self.log is not None else subprocess.DEVNULL
@@ -155,7 +155,7 @@ def background_server(
 @contextlib.contextmanager
 def ferry_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Run ``ferry serve ARGS`` as a subprocess and yield it with its ready line; always reaped."""
-    command = [sys.executable, "-m", "server", "serve", *args]
+    command = [sys.executable, "-m", "ferry.server", "serve", *args]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as proc:
         try:
             assert proc.stdout is not None

@@ -18,12 +18,13 @@ the handler coroutine is stepped once in place, and only one that has to wait (a
 a request the model answers at once costs no task, future or thread hop. Replies and the frames of one read go out
 in one write.
 
-The modules: :mod:`~server.transport.server` (the listener, shutdown), :mod:`~server.transport.connection` (the
-read side: frames, streams, limits, running handlers), :mod:`~server.transport.output` (the write side: flow
-control, replies, trailers), :mod:`~server.transport.headers` (RFC 9113's request rules, metadata, our HPACK
-encoder), :mod:`~server.transport.calls` (what a servicer sees: context, request stream, the handler's task),
-:mod:`~server.transport.limits` (every bound, named, with why); HTTP/2 framing shared with the load generator's
-client is :mod:`server.http2`.
+The modules: :mod:`~ferry.server.transport.server` (the listener, shutdown),
+:mod:`~ferry.server.transport.connection` (the read side: frames, streams, limits, running handlers),
+:mod:`~ferry.server.transport.output` (the write side: flow
+control, replies, trailers), :mod:`~ferry.server.transport.headers` (RFC 9113's request rules, metadata, our HPACK
+encoder), :mod:`~ferry.server.transport.calls` (what a servicer sees: context, request stream, the handler's task),
+:mod:`~ferry.server.transport.limits` (every bound, named, with why); HTTP/2 framing shared with the load generator's
+client is :mod:`ferry.server.transport.http2`.
 
 HTTP/2 as a server must speak it, and the limits that keep one client from hurting the others (:class:`Limits`):
 
@@ -47,7 +48,7 @@ HTTP/2 as a server must speak it, and the limits that keep one client from hurti
   is reset PROTOCOL_ERROR; PRIORITY that names its own stream or has the wrong size likewise (FRAME_SIZE_ERROR);
 - gRPC: ``grpc-timeout`` is the call's deadline (``context.time_remaining()``; a handler still running at the
   deadline is cancelled and the call ends DEADLINE_EXCEEDED); RST_STREAM or a lost connection cancels the handler,
-  and a handler cancelled before it first ran still unwinds (:class:`~server.transport.calls.Handler`); request
+  and a handler cancelled before it first ran still unwinds (:class:`~ferry.server.transport.calls.Handler`); request
   metadata (``-bin`` values base64-decoded) is ``context.invocation_metadata()``; messages compressed with gzip or
   deflate are accepted (others: UNIMPLEMENTED; a flag byte other than 0 or 1: INTERNAL), replies are not
   compressed; an unknown method is UNIMPLEMENTED; a body that does not parse is INTERNAL; a handler's unexpected
@@ -60,8 +61,8 @@ HTTP/2 as a server must speak it, and the limits that keep one client from hurti
 Not spoken: TLS (Ferry serves plaintext gRPC on a trusted network, as with grpcio), server push, HTTP/1.1.
 """
 
-from server.transport.calls import Context, Services
-from server.transport.limits import Limits
-from server.transport.server import Transport
+from ferry.server.transport.calls import Context, Services
+from ferry.server.transport.limits import Limits
+from ferry.server.transport.server import Transport
 
 __all__ = ["Context", "Limits", "Services", "Transport"]

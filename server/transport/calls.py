@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from server.http2 import U32
-from server.transport.headers import metadata
+from ferry.server.transport.headers import metadata
+from ferry.server.transport.http2 import U32
 
 if TYPE_CHECKING:
-    from server.transport.connection import Connection, Stream
+    from ferry.server.transport.connection import Connection, Stream
 
 
 class Aborted(Exception):

@@ -1,5 +1,5 @@
 """One client connection, the read side: frames parsed from the bytes as they arrive, each answered as HTTP/2 asks
-(RFC 9113) within the connection's :class:`~server.transport.limits.Limits`, and gRPC calls started.
+(RFC 9113) within the connection's :class:`~ferry.server.transport.limits.Limits`, and gRPC calls started.
 
 Bounded work: a connection is read only while its unsent output is under the high-water mark and gets
 ``turn_budget_s`` of frame processing per event-loop turn (the rest waits for the next turn, reading paused);
@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from server.http2 import (
+from ferry.server.transport.calls import Aborted, Context, Handler, Requests
+from ferry.server.transport.headers import request_problem, trailers_problem
+from ferry.server.transport.http2 import (
     ACK,
     CONTINUATION,
     DATA,
@@ -58,15 +60,13 @@ from server.http2 import (
     frame,
     parse_grpc_timeout,
 )
-from server.transport.calls import Aborted, Context, Handler, Requests
-from server.transport.headers import request_problem, trailers_problem
-from server.transport.limits import Budget
-from server.transport.output import Output, Stream
+from ferry.server.transport.limits import Budget
+from ferry.server.transport.output import Output, Stream
 
 if TYPE_CHECKING:
-    from server.transport.server import Transport
+    from ferry.server.transport.server import Transport
 
-log = logging.getLogger("server.transport")
+log = logging.getLogger("ferry.server.transport")
 
 ENCODINGS = "identity,deflate,gzip"
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import grpc
 
-from server.http2 import Fields, _hpack_int, literal, percent_encoded, size_update
+from ferry.server.transport.http2 import Fields, _hpack_int, literal, percent_encoded, size_update
 
 # --- requests -------------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The write side of a connection: streams' replies framed and sent within the client's flow-control windows,
-header blocks encoded (:class:`~server.transport.headers.ReplyEncoder`), a call's end (trailers, or
+header blocks encoded (:class:`~ferry.server.transport.headers.ReplyEncoder`), a call's end (trailers, or
 Trailers-Only), and the output of one event-loop turn gathered into one write.
 
 Windows: the client's initial stream window (``peer_window``, from its SETTINGS) is kept once for the connection
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from server.http2 import (
+from ferry.server.transport.headers import ReplyEncoder, metadata_block
+from ferry.server.transport.http2 import (
     DATA,
     DEFAULT_FRAME,
     DEFAULT_WINDOW,
@@ -29,11 +30,10 @@ from server.http2 import (
     frame,
     literal,
 )
-from server.transport.headers import ReplyEncoder, metadata_block
-from server.transport.limits import Limits
+from ferry.server.transport.limits import Limits
 
 if TYPE_CHECKING:
-    from server.transport.calls import Context, Method, Requests
+    from ferry.server.transport.calls import Context, Method, Requests
 
 
 class Stream:
@@ -64,7 +64,7 @@ class Stream:
 
 
 class Output:
-    """A connection's output; :class:`~server.transport.connection.Connection` is one."""
+    """A connection's output; :class:`~ferry.server.transport.connection.Connection` is one."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits

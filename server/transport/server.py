@@ -1,5 +1,5 @@
-"""The listener: serves :class:`~server.transport.calls.Services` on one TCP address, one
-:class:`~server.transport.connection.Connection` per client; graceful shutdown."""
+"""The listener: serves :class:`~ferry.server.transport.calls.Services` on one TCP address, one
+:class:`~ferry.server.transport.connection.Connection` per client; graceful shutdown."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import contextlib
 
 import grpc
 
-from server.transport.calls import Services
-from server.transport.connection import Connection
-from server.transport.limits import Limits
+from ferry.server.transport.calls import Services
+from ferry.server.transport.connection import Connection
+from ferry.server.transport.limits import Limits
 
 
 class Transport:

@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
 from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address, rss_kib
 

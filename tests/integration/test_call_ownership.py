@@ -20,9 +20,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from server.http2 import (
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.transport.http2 import (
     CANCEL,
     DATA,
     END_HEADERS,

@@ -11,12 +11,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
 from tests.serving import ferry_serve
 
-FERRY = [sys.executable, "-m", "server"]
+FERRY = [sys.executable, "-m", "ferry.server"]
 
 
 def test_serve_prints_ready_line_with_free_ports_and_stops_on_sigterm(example_repo: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import (
+from ferry.client import (
     AsyncClient,
     Client,
     DeadlineExceeded,
@@ -26,7 +26,7 @@ from client import (
     Outcome,
     OutcomeReport,
 )
-from client._proto import model_config_pb2
+from ferry.client._proto import model_config_pb2
 from tests.serving import running_server
 
 Reference = Callable[[str, int, np.ndarray], list[np.ndarray]]

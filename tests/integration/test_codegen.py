@@ -25,9 +25,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client import AsyncClient, Client, InvalidArgument
-from client.codegen import Signature, Tensor, render
-from server.__main__ import main
+from ferry.client import AsyncClient, Client, InvalidArgument
+from ferry.client.codegen import Signature, Tensor, render
+from ferry.server.__main__ import main
 from tests.models import IR_VERSION, OPSET
 from tests.serving import BackgroundServer, background_server
 
@@ -106,7 +106,7 @@ def test_names_are_sanitized_and_the_mapping_kept(generated: Path) -> None:
 USAGE = """\
     import numpy as np
 
-    from client import AsyncClient, Client
+    from ferry.client import AsyncClient, Client
     from models_client import AsyncDigits, Digits, Odd, Tiny
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from loadtest import cli
+from ferry.loadtest import cli
 from tests.serving import running_server
 
 TINY = """name: "tiny"

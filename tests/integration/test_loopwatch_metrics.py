@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from server.loopwatch import LAG_BUCKETS_S, METRIC
+from ferry.server.observability.loopwatch import LAG_BUCKETS_S, METRIC
 from tests.serving import BackgroundServer, background_server
 
 WARN_S = 0.1

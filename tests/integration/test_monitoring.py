@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from client._proto import ferry_pb2 as fpb
-from client._proto import ferry_pb2_grpc as fpb_grpc
-from client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._proto import ferry_pb2 as fpb
+from ferry.client._proto import ferry_pb2_grpc as fpb_grpc
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
 from tests.serving import BackgroundServer, background_server
 

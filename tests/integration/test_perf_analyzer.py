@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as tc
 
-from loadtest import perf_analyzer as pa
+from benchmarks import perf_analyzer as pa
 from tests.serving import running_server
 
 pytestmark = pytest.mark.perf_analyzer
@@ -144,7 +144,7 @@ def test_mlp_concurrency_range(client: tc.InferenceServerClient, address: str, s
 
 
 def test_digits_batch_of_four(client: tc.InferenceServerClient, address: str) -> None:
-    """``-b 4``: requests of shape [4, 64] to digits' latest version (2), through ``loadtest.perf_analyzer.run``."""
+    """``-b 4``: requests of shape [4, 64] to digits' latest version (2), through ``benchmarks.perf_analyzer.run``."""
     before = _stats(client, "digits")
     steps = pa.run(address, "digits", [1], batch_size=4, measurement_ms=WINDOW_MS, extra=BOUNDED, timeout_s=60)
     after = _stats(client, "digits")

@@ -20,9 +20,9 @@ import onnxruntime as ort
 import pytest
 from sklearn.utils import murmurhash3_32
 
-from client import AsyncClient, Client, InvalidArgument
-from kernels.image import ImageSpec, image_to_nchw_ref
-from kernels.tabular import one_hot_ref
+from ferry.client import AsyncClient, Client, InvalidArgument
+from ferry.kernels.image import ImageSpec, image_to_nchw_ref
+from ferry.kernels.tabular import one_hot_ref
 from tests import models
 from tests.serving import running_server
 

@@ -16,10 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.tensors import DATATYPES, to_raw
-from server.servicer import EXTENSIONS, InferenceServicer
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client.tensors import DATATYPES, to_raw
+from ferry.server.api.servicer import EXTENSIONS, InferenceServicer
 from tests.serving import BackgroundServer, background_server
 
 
@@ -49,7 +49,7 @@ def request_for(model: str, arrays: dict[str, np.ndarray], version: str = "", **
 
 
 def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    from client.tensors import from_raw
+    from ferry.client.tensors import from_raw
 
     return {
         out.name: from_raw(raw, DATATYPES[out.datatype], list(out.shape), out.name)

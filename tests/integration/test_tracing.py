@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from server.telemetry import Tracing
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.observability.telemetry import Tracing
 from tests.integration.test_rpcs import request_for
 from tests.serving import BackgroundServer, background_server, ferry_serve, grpc_address
 
@@ -248,8 +248,8 @@ def test_the_providers_sampler_decides_and_unsampled_requests_record_nothing(exa
 
 
 def test_outcome_service_calls_get_spans_of_their_own(example_repo: Path) -> None:
-    from client._proto import ferry_pb2 as fpb
-    from client._proto import ferry_pb2_grpc as fpb_grpc
+    from ferry.client._proto import ferry_pb2 as fpb
+    from ferry.client._proto import ferry_pb2_grpc as fpb_grpc
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

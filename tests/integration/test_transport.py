@@ -1,5 +1,6 @@
-"""Ferry's own gRPC transport (:mod:`server.transport`) on the wire: a real server on 127.0.0.1 driven over raw TCP
-with hand-built HTTP/2 frames (what a gRPC call looks like frame by frame, the transport's limits and its answers to
+"""Ferry's own gRPC transport (:mod:`ferry.server.transport`) on the wire: a real server on 127.0.0.1 driven over
+raw TCP with hand-built HTTP/2 frames (what a gRPC call looks like frame by frame, the transport's limits and its
+answers to
 broken or hostile clients), plus grpcio where a normal client is the right tool."""
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import onnxruntime as ort
 import pytest
 from grpc_health.v1 import health_pb2
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from server.http2 import (
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.transport import Limits, Services, Transport
+from ferry.server.transport.http2 import (
     ACK,
     CONTINUATION,
     DATA,
@@ -55,7 +57,6 @@ from server.http2 import (
     frame,
     literal,
 )
-from server.transport import Limits, Services, Transport
 from tests.integration.test_rpcs import outputs_of, request_for
 from tests.rawh2 import INFER, RawConn, grpc_message, mlp_request, ok_reply, tiny_request, trailers_only
 from tests.serving import BackgroundServer, background_server

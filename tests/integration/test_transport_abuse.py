@@ -29,9 +29,9 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from loadtest.bench import cpu_seconds
-from server.http2 import (
+from benchmarks.bench import cpu_seconds
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.transport.http2 import (
     CANCEL,
     COMPRESSION_ERROR,
     CONTINUATION,

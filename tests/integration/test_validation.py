@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
 from tests.serving import background_server
 

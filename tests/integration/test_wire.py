@@ -1,4 +1,4 @@
-"""``loadtest.wire``, the load generator's HTTP/2 gRPC client, against a real grpcio server on loopback: statuses
+"""``ferry.loadtest.wire``, the load generator's HTTP/2 gRPC client, against a real grpcio server on loopback: statuses
 and messages, deadlines, messages split over frames and windows both ways, the server's stream limit, a server that
 goes away."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from loadtest import wire
+from ferry.loadtest import wire
 
 SERVICE = "wire.test.T"
 MiB = 1 << 20
@@ -169,7 +169,7 @@ def test_grpc_timeout_values(seconds: float, value: bytes) -> None:
 def test_the_client_signals_the_servers_smaller_hpack_table() -> None:
     """Ferry's transport advertises an HPACK table of 0 bytes; RFC 7541 §4.2 has the client's next block start
     with a size update. Then its blocks mean the same bytes for bytes, and the server decodes each one once."""
-    from server.transport import Services, Transport
+    from ferry.server.transport import Services, Transport
 
     async def test() -> None:
         services = Services()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from client.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
-from server.batching import Batcher, BatchPolicy, LevelPolicy
+from ferry.client.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
+from ferry.server.models.batching import Batcher, BatchPolicy, LevelPolicy
 
 WAIT_S = 5.0  # upper bound on any wait: a broken batcher fails the test instead of hanging it
 

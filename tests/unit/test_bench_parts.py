@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from loadtest import bench, raw_ort
+from benchmarks import bench, raw_ort
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 
 
 def test_raw_ort_measures_rows_per_second(example_repo: Path) -> None:
@@ -32,7 +32,7 @@ def echo_server(
     example_repo: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[bench.Running]:
     """The echo server for ``tiny``, started the way the benchmark starts it (a subprocess, its ready line): the
-    grpc.aio one, and the same answers over hand-written HTTP/2 (``loadtest/h2echo.py``), which must answer
+    grpc.aio one, and the same answers over hand-written HTTP/2 (``benchmarks/h2echo.py``), which must answer
     grpcio's client alike."""
     log_path = tmp_path_factory.mktemp("echo") / "echo.log"
     make = bench.echo_command if request.param == "grpc.aio" else bench.h2echo_command
@@ -136,14 +136,14 @@ def test_render_makes_one_row_per_case() -> None:
     results = {
         "date": "2025-01-01 00:00 UTC",
         "machine": {"nproc": 2, "cpu": "Test CPU", "python": "3.11"},
-        "command": "python -m loadtest.bench",
+        "command": "python -m benchmarks.bench",
         "perf_analyzer": "2.41.0",
         "duration_s": 1.0,
         "settings": {"measurement_ms": 2000, "trials": 3, "rounds": 1, "raw_seconds": 2.0},
         "models": {"tiny": {"raw_ort_rows_per_s": {"1": 10.0, "16": 100.0, "64": 1000.0}, "cases": [case]}},
     }
     text = bench.render(results)
-    assert "Test CPU" in text and "python -m loadtest.bench" in text
+    assert "Test CPU" in text and "python -m benchmarks.bench" in text
     assert "| tiny | unary | 8 | 1,000 | 800 | **0.80** (0.80) | 0.10 |" in text
     assert "| tiny | unary | 8 | 600 / 600 | 200 | 50 | 10 | 100 | 10 | 1.00 | 30 | 400 | 300 / 300 |" in text
 
@@ -164,7 +164,7 @@ def test_stage_times_are_per_request_for_the_queue_and_per_execution_for_compute
 def test_the_combined_ceiling_takes_both_figures_in_rows() -> None:
     """perf_analyzer at ``-b 16`` reported 39,238 infer/s for the echo server (2,452 requests/s: rows already) and
     raw onnxruntime ran 31,808 rows/s: B is 17,567 rows/s, not the 30,274 that counting the rows twice gave."""
-    from loadtest.bench_batching import combined_ceiling
+    from benchmarks.bench_batching import combined_ceiling
 
     assert combined_ceiling(39_238, 31_808) == pytest.approx(17_567, rel=1e-3)
     assert combined_ceiling(1_000, 1e12) == pytest.approx(1_000)  # a free model: the echo's own rate

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.cache import ENTRY_OVERHEAD_BYTES, ResultCache, cache_key
+from ferry.server.inference.cache import ENTRY_OVERHEAD_BYTES, ResultCache, cache_key
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.__main__ import _parser
+from ferry.server.__main__ import _parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}

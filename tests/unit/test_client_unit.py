@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
-import client
-from client import (
+from ferry import client
+from ferry.client import (
     AsyncClient,
     Client,
     ClientOptions,
@@ -36,12 +36,12 @@ from client import (
     Unavailable,
     Unimplemented,
 )
-from client import errors as errors_module
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from client.client import RetryPolicy, decode_response, encode_request
-from client.errors import STATUS_CODE_PARAMETER
-from client.tensors import DATATYPES, from_raw, to_raw
+from ferry.client import errors as errors_module
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.client.client import RetryPolicy, decode_response, encode_request
+from ferry.client.errors import STATUS_CODE_PARAMETER
+from ferry.client.tensors import DATATYPES, from_raw, to_raw
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY_S = 0.001  # backoff in tests: they never wait on purpose
@@ -542,7 +542,7 @@ def test_stream_raises_the_request_iterators_own_error(fake: tuple[str, FakeServ
 
 
 def test_stream_item_error_without_a_status_code_is_a_plain_ferry_error() -> None:
-    from client.client import _stream_item
+    from ferry.client.client import _stream_item
 
     item = _stream_item(pb.ModelStreamInferResponse(error_message="boom", infer_response=pb.ModelInferResponse()))
     assert type(item) is FerryError
@@ -562,7 +562,7 @@ def test_closed_client_refuses_calls(fake: tuple[str, FakeServer]) -> None:
 
 
 def test_outcomes_are_encoded_by_the_type_of_their_value() -> None:
-    from client.outcomes import decode_report, encode_outcomes
+    from ferry.client.outcomes import decode_report, encode_outcomes
 
     request = encode_outcomes("m", {"a": 3, "b": np.int64(4), "c": 0.5, "d": np.float32(1.5), "e": "cat", "f": True})
     kinds = [

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.drift import (
+from ferry.server.observability.drift import (
     CHUNKS,
     REFERENCE_FILE,
     DriftAlert,

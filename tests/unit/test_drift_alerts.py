@@ -13,11 +13,11 @@ import pytest
 from aiohttp import web
 from google.protobuf import text_format
 
-from client._proto import model_config_pb2 as mc
-from client.errors import InvalidArgument
-from server.drift import REFERENCE_FILE, DriftAlert, DriftMonitor, DriftReference
-from server.driftconfig import DriftSettings, feature_count, load_monitor
-from server.webhook import AlertWebhook
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.server.observability.drift import REFERENCE_FILE, DriftAlert, DriftMonitor, DriftReference
+from ferry.server.observability.driftconfig import DriftSettings, feature_count, load_monitor
+from ferry.server.observability.webhook import AlertWebhook
 
 WAIT_S = 10
 
@@ -274,7 +274,7 @@ def test_the_alert_log_names_the_window_it_measured_and_the_configured_one(caplo
     """Batches of 64 fill a window of 1000 rows in chunks of 128: the log says both numbers, not one for the other."""
     rng = np.random.default_rng(0)
     monitor = DriftMonitor(DriftReference.from_training(rng.normal(size=(2000, 4))), 1000, 0.2, 0.2, model="m")
-    with caplog.at_level("WARNING", logger="server.drift"):
+    with caplog.at_level("WARNING", logger="ferry.server.observability.drift"):
         for _ in range(16):
             monitor.observe((rng.normal(size=(64, 4)) + 5).astype(np.float32))  # far from the reference
     assert monitor.alerts == 1

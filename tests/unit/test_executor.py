@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.executor import ModelExecutor
+from ferry.server.models.executor import ModelExecutor
 
 
 def test_runs_on_worker_threads_and_returns_results_and_errors() -> None:

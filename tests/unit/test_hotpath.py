@@ -1,4 +1,4 @@
-"""loadtest.hotpath answers real requests through Ferry's request path and reports every stage."""
+"""benchmarks.hotpath answers real requests through Ferry's request path and reports every stage."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import hotpath
+from benchmarks import hotpath
 
 
 def test_hotpath_times_every_stage_of_real_requests(example_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,13 +1,14 @@
-"""``server.http2``: the HTTP/2 and gRPC-over-HTTP/2 pieces both Ferry's transport and the load generator's client
-use: grpc-timeout both ways, grpc-message's percent-encoding, frames split from a byte stream, header blocks."""
+"""``ferry.server.transport.http2``: the HTTP/2 and gRPC-over-HTTP/2 pieces both Ferry's transport and the load
+generator's client use: grpc-timeout both ways, grpc-message's percent-encoding, frames split from a byte stream,
+header blocks."""
 
 from __future__ import annotations
 
 import hpack
 import pytest
 
-from server import http2
-from server.http2 import (
+from ferry.server.transport import http2
+from ferry.server.transport.http2 import (
     CONTINUATION,
     END_HEADERS,
     HEADERS,

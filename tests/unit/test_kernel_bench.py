@@ -1,11 +1,11 @@
-"""loadtest.kernel_bench: its report lands between its markers and states the 3x target's verdict."""
+"""benchmarks.kernel_bench: its report lands between its markers and states the 3x target's verdict."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.bench import replace_section
-from loadtest.kernel_bench import END, START, copy_models, render
+from benchmarks.bench import replace_section
+from benchmarks.kernel_bench import END, START, copy_models, render
 
 
 def results(image_speedup: float) -> dict[str, object]:
@@ -15,7 +15,7 @@ def results(image_speedup: float) -> dict[str, object]:
         "machine": {"nproc": 2, "cpu": "test", "python": "3.11"},
         "versions": {"numba": "0", "numpy": "0", "threading_layer": "omp"},
         "load_average": (1.0, 2.0),
-        "command": "python -m loadtest.kernel_bench",
+        "command": "python -m benchmarks.kernel_bench",
         "duration_s": 1.0,
         "settings": {"rounds": 2},
         "kernels": [

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn.utils import murmurhash3_32
 
-from kernels.hashing import hash_buckets, hash_buckets_ref, pack_strings
-from kernels.image import ImageSpec, image_to_nchw, image_to_nchw_ref
-from kernels.stats import empty_moments, histogram, histogram_ref, merge_moments, merge_moments_ref, moments_ref
-from kernels.tabular import FeatureSteps, feature_map, feature_map_ref, one_hot, one_hot_ref
+from ferry.kernels.hashing import hash_buckets, hash_buckets_ref, pack_strings
+from ferry.kernels.image import ImageSpec, image_to_nchw, image_to_nchw_ref
+from ferry.kernels.stats import empty_moments, histogram, histogram_ref, merge_moments, merge_moments_ref, moments_ref
+from ferry.kernels.tabular import FeatureSteps, feature_map, feature_map_ref, one_hot, one_hot_ref
 
 # Numba compiles (or loads from its cache) on the first example of each kernel: no per-example deadline.
 PROPERTY = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from loadtest.capacity import judge, knee, plan, search
-from loadtest.steps import StepResult
+from ferry.loadtest.capacity import judge, knee, plan, search
+from ferry.loadtest.steps import StepResult
 
 DURATION_S = 10.0
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import cli, report
-from loadtest.histogram import Histogram
-from loadtest.steps import StepSpec, summarize
+from ferry.loadtest import cli, report
+from ferry.loadtest.histogram import Histogram
+from ferry.loadtest.steps import StepSpec, summarize
 
 
 def args(*extra: str) -> argparse.Namespace:
@@ -63,9 +63,9 @@ def test_run_exits_2_with_a_message_for_bad_arguments(capsys: pytest.CaptureFixt
 
 
 def test_ferry_serve_does_not_import_the_load_generator() -> None:
-    code = ("import sys, server.__main__ as m; m._parser().parse_args(['serve', '--model-repository', 'x']); "
+    code = ("import sys, ferry.server.__main__ as m; m._parser().parse_args(['serve', '--model-repository', 'x']); "
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('matplotlib', 'rich') "
-            "or k in ('loadtest.runner', 'loadtest.generator', 'loadtest.session')))")  # fmt: skip
+            "or k in ('ferry.loadtest.runner', 'ferry.loadtest.generator', 'ferry.loadtest.session')))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

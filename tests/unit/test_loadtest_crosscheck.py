@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from loadtest import bench, crosscheck
+from benchmarks import bench, crosscheck
 
 
 def pair(perf_rps: float, ours_rps: float) -> dict[str, Any]:
@@ -39,7 +39,7 @@ def test_render_marks_each_case_and_the_section_replaces_only_its_markers() -> N
         "models": {"tiny": {"4": crosscheck.summarize([pair(1000, 700), pair(1000, 750)]),
                             "16": crosscheck.summarize([pair(1000, 950), pair(1000, 1020)])}},
     }  # fmt: skip
-    body = crosscheck.render(data, "python -m loadtest.crosscheck")
+    body = crosscheck.render(data, "python -m benchmarks.crosscheck")
     assert "| tiny | 4 |" in body and "| no |" in body and "| yes |" in body
     assert "1 of 2 cases within ±10%." in body
     doc = "# Benchmarks\n\nprose\n\n<!-- bench:core:start -->\ncore\n<!-- bench:core:end -->\n\nmore prose\n"

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtest.histogram import MAX_VALUE, Histogram, bucket_of, bucket_range
+from ferry.loadtest.histogram import MAX_VALUE, Histogram, bucket_of, bucket_range
 
 QS = (0.0, 1.0, 10.0, 50.0, 90.0, 95.0, 99.0, 99.9, 99.99, 100.0)
 

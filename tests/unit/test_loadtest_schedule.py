@@ -11,13 +11,13 @@ import grpc
 import numpy as np
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from client._proto import grpc_service_pb2_grpc as pb_grpc
-from loadtest import generator
-from loadtest.generator import StepPlan, Worker
-from loadtest.histogram import Histogram
-from loadtest.schedule import intended_offsets, split_evenly
-from loadtest.workload import InputSpec, ModelSpec, build
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.loadtest import generator
+from ferry.loadtest.generator import StepPlan, Worker
+from ferry.loadtest.histogram import Histogram
+from ferry.loadtest.schedule import intended_offsets, split_evenly
+from ferry.loadtest.workload import InputSpec, ModelSpec, build
 
 
 def test_constant_rate_is_evenly_spaced_from_zero() -> None:
@@ -153,6 +153,6 @@ def test_open_loop_charges_latency_from_the_intended_send_time(
 
 
 def _low(index: int, h: Histogram) -> int:
-    from loadtest.histogram import bucket_range
+    from ferry.loadtest.histogram import bucket_range
 
     return bucket_range(index, h.precision_bits)[0]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client._proto import grpc_service_pb2 as pb
-from loadtest.generator import _id_field
-from loadtest.workload import InputSpec, ModelSpec, RequestMaker, build, parse_rows
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.loadtest.generator import _id_field
+from ferry.loadtest.workload import InputSpec, ModelSpec, RequestMaker, build, parse_rows
 
 MLP = ModelSpec("mlp", "", 128, (InputSpec("input", "FP32", (256,)),))
 TWO = ModelSpec("two", "2", 8, (InputSpec("a", "INT64", (3,)), InputSpec("b", "FP16", (2, 2))))

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import uvloop
 
-from client.errors import InvalidArgument
-from server.config import ServerConfig
-from server.loopwatch import METRIC, WARN_EVERY_S, LoopWatch
+from ferry.client.errors import InvalidArgument
+from ferry.server.config import ServerConfig
+from ferry.server.observability.loopwatch import METRIC, WARN_EVERY_S, LoopWatch
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -53,7 +53,9 @@ async def stall(watch: LoopWatch, blocked_s: float) -> None:
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[Any, ...]]:
     """The arguments of each warning logged: (lag_s, warn_s, suppressed)."""
-    records = [r for r in caplog.records if r.name == "server.loopwatch" and r.levelno == logging.WARNING]
+    records = [
+        r for r in caplog.records if r.name == "ferry.server.observability.loopwatch" and r.levelno == logging.WARNING
+    ]
     assert all("event loop stalled" in r.getMessage() for r in records)
     return [r.args for r in records if isinstance(r.args, tuple)]
 
@@ -70,7 +72,7 @@ def test_a_blocked_loop_shows_its_lag_and_is_warned_about_once(loop: str, caplog
         await stall(watch, blocked_s)  # well within WARN_EVERY_S of the first: counted, not logged
         watch.stop()
 
-    caplog.set_level(logging.WARNING, logger="server.loopwatch")
+    caplog.set_level(logging.WARNING, logger="ferry.server.observability.loopwatch")
     with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
         runner.run(test())
     seen_s = blocked_s - 0.002  # uvloop's clock ticks in milliseconds
@@ -89,7 +91,7 @@ def test_a_lag_under_the_threshold_is_measured_but_not_warned(caplog: pytest.Log
         await stall(watch, 0.1)
         watch.stop()
 
-    caplog.set_level(logging.WARNING, logger="server.loopwatch")
+    caplog.set_level(logging.WARNING, logger="ferry.server.observability.loopwatch")
     asyncio.run(test())
     assert watch.max_lag_s >= 0.1
     assert over(watch, 0.05) >= 1
@@ -98,7 +100,7 @@ def test_a_lag_under_the_threshold_is_measured_but_not_warned(caplog: pytest.Log
 
 def test_warnings_are_rate_limited_and_count_what_they_suppressed(caplog: pytest.LogCaptureFixture) -> None:
     watch = LoopWatch(warn_s=0.25)
-    caplog.set_level(logging.WARNING, logger="server.loopwatch")
+    caplog.set_level(logging.WARNING, logger="ferry.server.observability.loopwatch")
     for now in (100.0, 101.0, 102.0, 100.0 + WARN_EVERY_S, 101.0 + WARN_EVERY_S):  # loop-clock times of stalls
         watch._warn(0.5, now)
     first, second = warnings(caplog)

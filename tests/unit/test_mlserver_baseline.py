@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client._proto import grpc_service_pb2 as pb
-from loadtest.mlserver import compare, drive
-from loadtest.mlserver.config import BEST, describe, model_configs, write_folder
+from benchmarks.mlserver import compare, drive
+from benchmarks.mlserver.config import BEST, describe, model_configs, write_folder
+from ferry.client._proto import grpc_service_pb2 as pb
 from tests.serving import running_server
 
 
@@ -92,7 +92,7 @@ def test_render_writes_ratios_and_its_section_only() -> None:
         "versions": {"mlserver": {"mlserver": "1.7.1", "uvloop": "0.21.0"}, "ferry": {"grpcio": "1"}},
         "settings": {"warmup_s": 1, "duration_s": 5, "rounds": 1, "perf_ms": 2000, "perf_trials": 3},
         "mlserver_config": describe(BEST),
-        "command": "python -m loadtest.mlserver.compare",
+        "command": "python -m benchmarks.mlserver.compare",
         "duration_s": 10.0,
         "load_average_1m": {"start": 1.0, "end": 2.0},
         "cases": [

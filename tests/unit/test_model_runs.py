@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.echo import load_version
-from server.model import RunTimes
+from benchmarks.echo import load_version
+from ferry.server.models.model import RunTimes
 
 SHORT_NS = 100_000
 

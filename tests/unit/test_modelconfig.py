@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from client._proto import model_config_pb2 as mc
-from client.errors import InvalidArgument
-from server.config import ServerConfig
-from server.model import SessionSettings
-from server.modelconfig import (
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.server.config import ServerConfig
+from ferry.server.models.model import SessionSettings
+from ferry.server.models.modelconfig import (
     DEFAULT_MAX_BATCH_SIZE,
     GraphTensor,
     complete_config,

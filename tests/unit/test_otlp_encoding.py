@@ -1,5 +1,5 @@
-"""``server.otlp``'s hand-written span encoding against the SDK's own encoder: the same ExportTraceServiceRequest,
-field for field, for spans using every feature a ReadableSpan can carry."""
+"""``ferry.server.observability.otlp``'s hand-written span encoding against the SDK's own encoder: the same
+ExportTraceServiceRequest, field for field, for spans using every feature a ReadableSpan can carry."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
-from server.otlp import FastOTLPSpanExporter, encode_request
+from ferry.server.observability.otlp import FastOTLPSpanExporter, encode_request
 
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 RESOURCE = Resource.create({"service.name": "ferry", "host.cores": 2})

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from client._proto import ferry_pb2 as fpb
-from client._proto import ferry_pb2_grpc as fpb_grpc
-from client._proto import model_config_pb2 as mc
-from client.errors import InvalidArgument
-from server.outcomes import (
+from ferry.client._proto import ferry_pb2 as fpb
+from ferry.client._proto import ferry_pb2_grpc as fpb_grpc
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.server.observability.outcomes import (
     CLASSIFICATION,
     REGRESSION,
     SERVICE_NAME,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from client._proto import model_config_pb2 as mc
-from client.errors import InvalidArgument
-from server.predlog import (
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.server.observability.predlog import (
     REDACTED,
     Prediction,
     PredictionLog,

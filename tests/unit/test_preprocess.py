@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client._proto import model_config_pb2 as mc
-from client.errors import InvalidArgument
-from kernels.hashing import hash_buckets, pack_strings
-from kernels.image import ImageSpec, image_to_nchw_ref
-from kernels.tabular import one_hot_ref
-from server.modelconfig import GraphTensor, complete_config
-from server.preprocess import Pipeline
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.kernels.hashing import hash_buckets, pack_strings
+from ferry.kernels.image import ImageSpec, image_to_nchw_ref
+from ferry.kernels.tabular import one_hot_ref
+from ferry.server.models.modelconfig import GraphTensor, complete_config
+from ferry.server.models.preprocess import Pipeline
 
 IMAGE_GRAPH = GraphTensor("image", "tensor(float)", (None, 3, 56, 56))
 TABLE_GRAPH = GraphTensor("x", "tensor(float)", (None, 4))

@@ -18,7 +18,7 @@ import tritonclient.grpc.service_pb2 as triton_service_pb2
 from google.protobuf import descriptor_pb2, text_format
 from google.protobuf.descriptor import FileDescriptor
 
-from client._proto import POOL, ferry_pb2, grpc_service_pb2, model_config_pb2
+from ferry.client._proto import POOL, ferry_pb2, grpc_service_pb2, model_config_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE = REPO_ROOT / "protos" / "generate.py"

@@ -1,5 +1,6 @@
-"""Trace sampling decided by Ferry's trace settings (:mod:`server.tracesettings`): for every sampler the
-``OTEL_TRACES_SAMPLER`` variable can name, the decision must be the SDK sampler's own, with and without a caller's
+"""Trace sampling decided by Ferry's trace settings (:mod:`ferry.server.observability.tracesettings`): for every
+sampler the ``OTEL_TRACES_SAMPLER`` variable can name, the decision must be the SDK sampler's own, with and without a
+caller's
 trace; other samplers are still called; and the settings change as Triton's TraceSetting RPC says."""
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState, set_span_in_context
 
-from client.errors import FailedPrecondition, InvalidArgument
-from server.telemetry import SERVICE, Tracing
-from server.tracesettings import TraceSettings
+from ferry.client.errors import FailedPrecondition, InvalidArgument
+from ferry.server.observability.telemetry import SERVICE, Tracing
+from ferry.server.observability.tracesettings import TraceSettings
 
 PARENT_SPAN_ID = 0xB7AD6B7169203331
 

@@ -1,4 +1,4 @@
-"""client.tensors: the datatype table and raw/typed contents, both directions."""
+"""ferry.client.tensors: the datatype table and raw/typed contents, both directions."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client._proto import grpc_service_pb2 as pb
-from client.errors import InvalidArgument
-from client.tensors import DATATYPES, datatype_of, element_count, from_contents, from_raw, to_raw
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client.errors import InvalidArgument
+from ferry.client.tensors import DATATYPES, datatype_of, element_count, from_contents, from_raw, to_raw
 
 NUMERIC = [name for name in DATATYPES if name != "BYTES"]
 
