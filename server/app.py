@@ -29,6 +29,7 @@ from ferry.server.api.http import create_http_app
 from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
 from ferry.server.config import ServerConfig
 from ferry.server.inference.cache import ResultCache
+from ferry.server.inference.shadow import ShadowRunner
 from ferry.server.models.repository import ModelRepository
 from ferry.server.observability.loopwatch import LoopWatch
 from ferry.server.observability.metrics import FerryCollector, exposition, registry_for
@@ -82,6 +83,7 @@ class FerryServer:
         self.repository = ModelRepository(
             config, on_close=self.cache.drop_version, tracing=self.tracing, monitoring=self.monitoring
         )
+        self.shadows = ShadowRunner(self.repository, self.tracing)  # models' shadow versions (their `shadow`)
         self.loopwatch = LoopWatch(config.loop_lag_warn_s)
         self.grpc_port = 0
         self.http_port: int | None = None
@@ -101,9 +103,12 @@ class FerryServer:
         """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
         self.monitoring.loop = asyncio.get_running_loop()
         self.loopwatch.start()  # first, so stalls while models load are seen too
-        servicer = InferenceServicer(self.repository, self.cache, self.is_ready, self.update_health, self.tracing)
+        servicer = InferenceServicer(
+            self.repository, self.cache, self.is_ready, self.update_health, self.tracing, self.shadows
+        )
         self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
         self.metrics.extras.append(self._monitoring_metrics)
+        self.metrics.extras.append(self.shadows.metric_families)
         self.metrics.extras.append(self.loopwatch.metric_families)
         self._registry = registry_for(self.metrics)
         if self.config.transport == "ferry":
@@ -201,6 +206,7 @@ class FerryServer:
             await self._transport.stop(grace)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        await self.shadows.close()
         await self.repository.close()
         self.tracing.shutdown()
         if self.monitoring.predlog is not None:

@@ -18,6 +18,7 @@ from ferry.server import __version__
 from ferry.server.api.rpc import rpc, status_of
 from ferry.server.inference.cache import ResultCache
 from ferry.server.inference.call import Call, infer
+from ferry.server.inference.shadow import ShadowRunner
 from ferry.server.models.repository import ModelRepository
 from ferry.server.observability.telemetry import NO_TRACING, Span, Tracing, current_span, restore, use
 
@@ -53,8 +54,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         on_change: Callable[[], Awaitable[None]],
         tracing: Tracing = NO_TRACING,
+        shadows: ShadowRunner | None = None,
     ) -> None:
         self._repository = repository
+        self._shadows = shadows
         self._cache = cache
         self.in_flight = 0  # inference requests being handled, for the metrics
         self.tracing = tracing
@@ -111,7 +114,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         self.in_flight += 1
         try:
-            return await infer(request, self._repository, self._cache, deadline_of(context), self.tracing)
+            return await infer(
+                request, self._repository, self._cache, deadline_of(context), self.tracing, self._shadows
+            )
         finally:
             self.in_flight -= 1
 
@@ -148,7 +153,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     span = self.tracing.child_span("ModelStreamInfer request", stream, attributes)
                     token = use(span)
                 try:
-                    call = Call(request, self._repository, self._cache, deadline, self.tracing)
+                    call = Call(request, self._repository, self._cache, deadline, self.tracing, self._shadows)
                     response = call.now()
                 except Exception as err:
                     response = None

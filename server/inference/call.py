@@ -19,8 +19,10 @@ from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client.errors import DeadlineExceeded, FerryError, InvalidArgument
 from ferry.server.api.codec import decode_inputs, encode_response, requested_outputs
 from ferry.server.inference.cache import ResultCache, cache_key
+from ferry.server.inference.shadow import ShadowRunner
 from ferry.server.models.model import BatchInfo, ModelVersion
 from ferry.server.models.repository import ModelRepository
+from ferry.server.models.routing import LABEL
 from ferry.server.observability.telemetry import NO_TRACING, Span, Tracing, current_span
 
 
@@ -30,10 +32,12 @@ async def infer(
     cache: ResultCache,
     deadline: float | None,
     tracing: Tracing = NO_TRACING,
+    shadows: ShadowRunner | None = None,
 ) -> pb.ModelInferResponse:
     """Answer one ModelInferRequest. ``deadline`` is on the ``time.monotonic()`` clock (None = no deadline).
-    With tracing on, the current span is the request's: its stages are recorded under it when it ends."""
-    call = Call(request, repository, cache, deadline, tracing)
+    With tracing on, the current span is the request's: its stages are recorded under it when it ends.
+    ``shadows`` runs the request again on its model's shadow version when it is sampled for it (None: never)."""
+    call = Call(request, repository, cache, deadline, tracing, shadows)
     return call.now() or await call.later()
 
 
@@ -44,6 +48,7 @@ class Call:
     __slots__ = (
         "_cache",
         "_decoded",
+        "_shadows",
         "_span",
         "_start",
         "_tracing",
@@ -53,7 +58,9 @@ class Call:
         "names",
         "priority",
         "request",
+        "route",
         "rows",
+        "shadow",
         "timeout_s",
     )
 
@@ -64,9 +71,14 @@ class Call:
         cache: ResultCache,
         deadline: float | None,
         tracing: Tracing = NO_TRACING,
+        shadows: ShadowRunner | None = None,
     ) -> None:
         self.request = request
-        self.model = model = repository.resolve(request.model_name, request.model_version)
+        # the version (named, labelled, split or latest), how it was chosen, and the shadow version when sampled
+        self.model, self.route, self.shadow = repository.route(request.model_name, request.model_version, request.id)
+        model = self.model
+        model.stats.routes[self.route] += 1
+        self._shadows = shadows
         self._start = time.perf_counter_ns()
         self._cache = cache if model.cache_enabled and cache.max_bytes > 0 else None
         self._tracing = tracing
@@ -163,11 +175,22 @@ class Call:
         stats.encode_hist.observe(done - encoding)
         monitor = model.monitor
         span = self._span
+        shadow = self.shadow if self._shadows is not None else None
+        entry = None
         if monitor is not None and monitor.active:
             trace_id = format(span.context.trace_id, "032x") if span is not None else ""
-            monitor.after_request(self.request.id, self.feeds, outputs, self.names, done - self._start, trace_id)
+            entry = monitor.after_request(
+                self.request.id, self.feeds, outputs, self.names, done - self._start, trace_id, shadow is not None
+            )
         if span is not None:
             trace_stages(self._tracing, span, model, (self._start, self._decoded, encoding, done), hit, batch, queued)
+            span.attributes["ferry.route"] = self.route
+            if self.route == LABEL:
+                span.attributes["ferry.version_label"] = self.request.model_version
+            if shadow is not None:
+                span.attributes["ferry.shadow_version"] = shadow.version
+        if shadow is not None and self._shadows is not None:  # after the answer is made, off its path
+            self._shadows.submit(model, shadow, self.feeds, self.rows, self.names, outputs, entry, self._span_context)
         stats.record_request(time.perf_counter_ns() - self._start)
         return response
 

@@ -32,6 +32,7 @@ from ferry.server.models.modelconfig import (
     tensor_specs,
 )
 from ferry.server.models.preprocess import Pipeline
+from ferry.server.models.routing import PARAMETERS as ROUTING_PARAMETERS
 from ferry.server.observability.driftconfig import PARAMETERS as DRIFT_PARAMETERS
 from ferry.server.observability.monitoring import Monitoring, VersionMonitor
 from ferry.server.observability.outcomes import PARAMETERS as OUTCOME_PARAMETERS
@@ -54,7 +55,7 @@ _OPT_LEVELS = dict(
     )
 )
 # config.pbtxt `parameters` keys Ferry reads: session options (Triton's onnxruntime backend uses the first two too),
-# then the prediction log, outcomes and drift; other keys are logged and ignored.
+# then the prediction log, outcomes, drift and routing; other keys are logged and ignored.
 SESSION_PARAMETERS = (
     "intra_op_thread_count",
     "inter_op_thread_count",
@@ -64,6 +65,7 @@ SESSION_PARAMETERS = (
     *PREDLOG_PARAMETERS,
     *OUTCOME_PARAMETERS,
     *DRIFT_PARAMETERS,
+    *ROUTING_PARAMETERS,
 )
 
 
@@ -395,6 +397,10 @@ class ModelVersion:
             results = [[out[a:b] for out in outputs] for a, b in itertools.pairwise(bounds)]
         t3 = time.perf_counter_ns()
         return results, rows, (t0, t1, t2, t3), time.thread_time_ns() - cpu if on_worker else t3 - t0
+
+    def discard(self) -> None:
+        """Release a version that loaded but was never published (it served nothing): its worker threads."""
+        self._executor.shutdown()
 
     async def close(self) -> None:
         """Fail queued requests, let running batches finish, then stop the executor."""

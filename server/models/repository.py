@@ -19,6 +19,7 @@ from ferry.client.errors import FerryError, InvalidArgument, NotFound, Unavailab
 from ferry.server.config import ServerConfig
 from ferry.server.models.model import ModelVersion
 from ferry.server.models.modelconfig import parse_config, select_versions
+from ferry.server.models.routing import DIRECT, LABEL, LATEST, SPLIT, Routing, parse_routing
 from ferry.server.observability.monitoring import Monitoring
 from ferry.server.observability.telemetry import NO_TRACING, Tracing
 
@@ -34,6 +35,7 @@ class Model:
     name: str
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     errors: dict[int | None, str] = field(default_factory=dict)  # None = the model as a whole
+    routing: Routing | None = None  # version labels, traffic split, shadow (models/routing.py); None: none declared
 
     @property
     def latest(self) -> ModelVersion | None:
@@ -124,7 +126,8 @@ class ModelRepository:
         return model
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
-        """The version a request names, or the highest loaded version when it names none."""
+        """The version a request names (a number or one of the model's version labels), or the highest loaded
+        version when it names none."""
         model = self._models.get(name)
         if model is None:
             raise NotFound(f"unknown model {name!r}")
@@ -134,13 +137,40 @@ class ModelRepository:
                 raise Unavailable(f"model {name!r} is not ready: {_why(model)}")
             return latest
         if not version.isdigit():
-            raise InvalidArgument(f"model {name!r}: version must be a non-negative integer, got {version!r}")
+            # -- routing: a version label names its version (labels only name loaded versions: see _load_model)
+            labelled = model.routing.label(version) if model.routing is not None else None
+            if labelled is None and None in model.errors:  # its config failed: perhaps for this very label
+                raise Unavailable(f"model {name!r} is not ready: {_why(model)}")
+            if labelled is None:
+                labels = f" or one of its labels {sorted(model.routing.labels)}" if model.routing else ""
+                what = f"version must be a non-negative integer{labels}"
+                raise InvalidArgument(f"model {name!r}: {what}, got {version!r}")
+            version = str(labelled)
         found = model.versions.get(int(version))
         if found is not None:
             return found
         if int(version) in model.errors:
             raise Unavailable(f"model {name!r} version {version} is not ready: {model.errors[int(version)]}")
         raise NotFound(f"model {name!r} has no version {version} (serving {sorted(model.versions)})")
+
+    def route(self, name: str, version: str, request_id: str) -> tuple[ModelVersion, str, ModelVersion | None]:
+        """For an inference: the version that answers it, the route that chose that version (models.routing.ROUTES)
+        and, when the request is sampled for the model's shadow, the version that shadows it (else None)."""
+        model = self._models.get(name)
+        routing = model.routing if model is not None else None
+        if routing is None:
+            return self.resolve(name, version), DIRECT if version else LATEST, None
+        if version:
+            chosen, route = self.resolve(name, version), DIRECT if version.isdigit() else LABEL
+        elif routing.split:
+            chosen, route = self.resolve(name, str(routing.pick(name, request_id))), SPLIT
+        else:
+            chosen, route = self.resolve(name), LATEST
+        shadow = None
+        if routing.shadow is not None and routing.shadow.version != chosen.version and routing.sample_shadow():
+            assert model is not None
+            shadow = model.versions.get(routing.shadow.version)
+        return chosen, route, shadow
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -174,6 +204,7 @@ def _load_model(server: ServerConfig, path: Path, tracing: Tracing, monitoring: 
     try:
         config_path = path / "config.pbtxt"
         config = parse_config(config_path.read_text(), str(config_path)) if config_path.exists() else mc.ModelConfig()
+        routing = parse_routing(config, path.name)  # malformed labels, split or shadow: nothing loads
         filename = config.default_model_filename or "model.onnx"
         available = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / filename).is_file()]
         if not available:
@@ -191,4 +222,14 @@ def _load_model(server: ServerConfig, path: Path, tracing: Tracing, monitoring: 
             )
         except (FerryError, OSError) as err:
             model.errors[version] = str(err)
+    if routing is not None:  # -- routing: it may only name loaded versions, else the model's config fails
+        try:
+            routing.check(path.name, model.versions)
+        except FerryError as err:
+            model.errors[None] = str(err)
+            for loaded in model.versions.values():
+                loaded.discard()
+            model.versions.clear()
+        else:
+            model.routing = routing
     return model

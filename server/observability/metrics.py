@@ -49,6 +49,7 @@ METRICS = (
     MetricDoc("ferry_cache_bytes", "gauge", "Result-cache bytes held (inputs, outputs and overhead)."),
     MetricDoc("ferry_model_ready", "gauge", "1 if the model version is loaded and serving, else 0."),
     MetricDoc("ferry_inflight_requests", "gauge", "Inference requests being handled by the server."),
+    MetricDoc("ferry_route_requests", "counter", "Requests by the route to their version (and shadow runs)."),
 )
 _DOC = {m.name: m for m in METRICS}
 
@@ -77,9 +78,10 @@ class FerryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # One family per name (the text format allows one HELP/TYPE block each): the two with other labels apart.
-        own_labels = ("ferry_inflight_requests", "ferry_inference_request_failure")
+        own_labels = ("ferry_inflight_requests", "ferry_inference_request_failure", "ferry_route_requests")
         f = {doc.name: _family(doc.name, LABELS) for doc in METRICS if doc.name not in own_labels}
         failure = _family("ferry_inference_request_failure", [*LABELS, "code"])
+        routes = _family("ferry_route_requests", [*LABELS, "route"])
         histograms = {
             "ferry_request_duration_seconds": ("request_hist", 1e9),
             "ferry_queue_duration_seconds": ("queue_hist", 1e9),
@@ -98,6 +100,8 @@ class FerryCollector(Collector):
                 f["ferry_inference_request_success"].add_metric(labels, stats.success.count)
                 for code, count in sorted(stats.failures.items()):
                     failure.add_metric([*labels, code], count)
+                for route, count in sorted(stats.routes.items()):
+                    routes.add_metric([*labels, route], count)
                 f["ferry_inference_count"].add_metric(labels, stats.inference_count)
                 f["ferry_inference_exec_count"].add_metric(labels, stats.execution_count)
                 for name, (attr, scale) in histograms.items():
@@ -112,6 +116,7 @@ class FerryCollector(Collector):
                 f["ferry_cache_bytes"].add_metric(labels, cache.bytes)
         yield from f.values()
         yield failure
+        yield routes
         in_flight = _family("ferry_inflight_requests", [])
         in_flight.add_metric([], self._in_flight())
         yield in_flight

@@ -91,25 +91,29 @@ class VersionMonitor:
         output_names: list[str],
         latency_ns: int,
         trace_id: str,
-    ) -> None:
-        """On the loop after a successful request: remember it for outcomes, log it if sampled."""
+        hold: bool = False,
+    ) -> Prediction | None:
+        """On the loop after a successful request: remember it for outcomes, log it if sampled. ``hold``: return
+        the sampled entry instead of logging it (a shadowed request's entry is logged with the shadow's outputs)."""
         if self.outcome is not None and request_id and self.outcome.output in output_names:
             index = output_names.index(self.outcome.output)
             self.sinks.outcomes.remember(self.model, self.version, request_id, outputs[index], self.outcome.task)
         if self.sampler.enabled and self.sampler.sample() and self.sinks.predlog is not None:
-            self.sinks.predlog.record(
-                Prediction(
-                    self.model,
-                    self.version,
-                    self.sha256,
-                    request_id,
-                    trace_id,
-                    feeds,
-                    dict(zip(output_names, outputs, strict=True)),
-                    latency_ns / 1e6,
-                    self.options,
-                )
+            entry = Prediction(
+                self.model,
+                self.version,
+                self.sha256,
+                request_id,
+                trace_id,
+                feeds,
+                dict(zip(output_names, outputs, strict=True)),
+                latency_ns / 1e6,
+                self.options,
             )
+            if hold:
+                return entry
+            self.sinks.predlog.record(entry)
+        return None
 
     @property
     def active(self) -> bool:

@@ -157,6 +157,19 @@ class PredictionSampler:
 
 
 @dataclass(frozen=True, slots=True)
+class ShadowPrediction:
+    """What the model's shadow version made of a logged request (server/inference/shadow.py), written beside the
+    primary's outputs."""
+
+    version: int
+    sha256: str
+    outputs: Mapping[str, np.ndarray]
+    latency_ms: float
+    error: str = ""
+    """Why there are no outputs: the shadow run was dropped (the server was saturated) or failed."""
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     """One logged prediction, as the request path hands it over. Arrays are referenced, not copied: pass views
     that nothing writes to afterwards (decoded inputs and per-request output views are such)."""
@@ -173,6 +186,8 @@ class Prediction:
     options: PredictionLogOptions
     timestamp: float = field(default_factory=time.time)
     """Seconds since the epoch (``time.time()``) when the prediction was made."""
+    shadow: ShadowPrediction | None = None
+    """The shadow version's run of the same request, when the request was shadowed."""
 
 
 def encode_prediction(entry: Prediction) -> bytes:
@@ -190,6 +205,16 @@ def encode_prediction(entry: Prediction) -> bytes:
         "inputs": {name: _tensor(array, options, name) for name, array in entry.inputs.items()},
         "outputs": {name: _tensor(array, options, None) for name, array in entry.outputs.items()},
     }
+    if (shadow := entry.shadow) is not None:
+        shadowed: dict[str, Any] = {
+            "version": shadow.version,
+            "sha256": shadow.sha256,
+            "latency_ms": round(shadow.latency_ms, 3),
+            "outputs": {name: _tensor(array, options, None) for name, array in shadow.outputs.items()},
+        }
+        if shadow.error:
+            shadowed["error"] = shadow.error
+        record["shadow"] = shadowed
     # orjson writes numeric arrays straight from their buffers (float32 as its shortest float32 text): measured
     # ~8 µs for a 256-float input against ~210 µs for json.dumps over tolist(), and this runs in a thread that
     # shares the GIL with the event loop.
@@ -382,5 +407,6 @@ __all__ = [
     "PredictionLogOptions",
     "PredictionLogSettings",
     "PredictionSampler",
+    "ShadowPrediction",
     "encode_prediction",
 ]

@@ -88,6 +88,7 @@ class VersionStats:
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)  # by gRPC status code name
+    routes: Counter[str] = field(default_factory=Counter)  # requests (and shadow runs) by route: models.routing.ROUTES
     request_hist: Histogram = field(default_factory=latency_histogram)
     queue_hist: Histogram = field(default_factory=latency_histogram)
     encode_hist: Histogram = field(default_factory=latency_histogram)
