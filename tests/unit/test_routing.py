@@ -1,0 +1,160 @@
+"""Parsing and choosing of version labels, the traffic split and the shadow (models/routing.py); the shadow's
+comparison (inference/shadow.py) and its prediction-log entry."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import InvalidArgument
+from ferry.server.inference.shadow import OutputAgreement, compare
+from ferry.server.models.routing import DEFAULT_SHADOW_MAX_IN_FLIGHT, Routing, Shadow, parse_routing
+from ferry.server.observability.predlog import Prediction, PredictionLogOptions, ShadowPrediction, encode_prediction
+
+
+def routing(**parameters: str) -> Routing | None:
+    config = mc.ModelConfig(name="m")
+    for key, value in parameters.items():
+        config.parameters[key].string_value = value
+    return parse_routing(config, "m")
+
+
+def parsed(**parameters: str) -> Routing:
+    found = routing(**parameters)
+    assert found is not None
+    return found
+
+
+def test_no_routing_parameters_is_no_routing() -> None:
+    assert routing() is None
+    assert routing(prediction_log_rate="1") is None
+
+
+def test_labels_split_and_shadow_parse() -> None:
+    r = parsed(
+        version_labels=" stable = 3 , canary=4",
+        traffic_split="stable=90,4=10,5=0",
+        shadow="version=canary,fraction=0.25",
+    )
+    assert dict(r.labels) == {"stable": 3, "canary": 4}
+    assert r.split == ((3, 90), (4, 10))  # a weight of 0 sends nothing, but its version must still load
+    assert r.shadow == Shadow(4, 0.25, DEFAULT_SHADOW_MAX_IN_FLIGHT)
+    assert sorted({v for v, _ in r.named}) == [3, 4, 5]
+    assert parsed(shadow="version=2,fraction=1,max_in_flight=3").shadow == Shadow(2, 1.0, 3)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"version_labels": "stable"}, "version_labels: expected key=value items separated by commas, got 'stable'"),
+        ({"version_labels": "stable=3,"}, "expected key=value items separated by commas, got ''"),
+        ({"version_labels": "7=3"}, "version_labels entry 7=3: a label is a letter or '_'"),
+        ({"version_labels": "can ary=3"}, "a label is a letter or '_' then up to 62"),
+        ({"version_labels": "stable=3,stable=4"}, "version_labels: 'stable' appears twice"),
+        ({"version_labels": "stable=0"}, "version_labels entry stable=0: a version is a positive integer"),
+        ({"version_labels": "stable=x"}, "a version is a positive integer (or a declared label), got 'x'"),
+        ({"traffic_split": "3=90,4=ten"}, "traffic_split entry 4=ten: a weight is an integer in 0..1000000, got 'ten'"),
+        ({"traffic_split": "3=-1"}, "a weight is an integer in 0..1000000, got '-1'"),
+        ({"traffic_split": "3=0,4=0"}, "traffic_split must give some version a weight above 0"),
+        ({"traffic_split": ""}, "traffic_split must give some version a weight above 0"),
+        ({"traffic_split": "canary=1"}, "traffic_split entry canary=1: a version is a positive integer"),
+        (
+            {"version_labels": "a=3", "traffic_split": "a=1,3=1"},
+            "traffic_split names version 3 twice",
+        ),
+        ({"shadow": "version=2"}, "shadow 'version=2': missing fraction"),
+        ({"shadow": "fraction=0.5"}, "missing version"),
+        ({"shadow": "version=2,fraction=0"}, "fraction must be a number in (0, 1], got '0'"),
+        ({"shadow": "version=2,fraction=1.5"}, "fraction must be a number in (0, 1], got '1.5'"),
+        ({"shadow": "version=2,fraction=nan"}, "fraction must be a number in (0, 1], got 'nan'"),
+        (
+            {"shadow": "version=2,fraction=0.1,rate=2"},
+            "unknown keys ['rate'] (known: version, fraction, max_in_flight)",
+        ),
+        ({"shadow": "version=2,fraction=0.1,max_in_flight=0"}, "max_in_flight must be an integer in 1..1024"),
+        ({"shadow": "version=2,fraction=0.1,max_in_flight=5000"}, "max_in_flight must be an integer in 1..1024"),
+    ],
+)
+def test_malformed_entries_are_refused_precisely(parameters: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        routing(**parameters)
+    assert "model 'm' parameters: " in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_check_names_the_first_version_that_is_not_loaded() -> None:
+    r = parsed(version_labels="stable=3", traffic_split="3=1,4=1", shadow="version=5,fraction=0.5")
+    r.check("m", {3, 4, 5})
+    with pytest.raises(InvalidArgument, match=r"traffic_split \(4=1\) names version 4, which is not loaded"):
+        r.check("m", {3, 5})
+    with pytest.raises(InvalidArgument, match=r"shadow \(version=5,fraction=0.5\) names version 5.*loaded: \[3, 4\]"):
+        r.check("m", {3, 4})
+
+
+def test_the_split_is_stable_per_id_and_shares_by_weight() -> None:
+    r = parsed(traffic_split="1=70,2=30")
+    ids = [f"id-{i}" for i in range(20_000)]
+    first = [r.pick("m", i) for i in ids]
+    assert [r.pick("m", i) for i in ids] == first  # the same id, the same version
+    shares = Counter(first)
+    assert abs(shares[2] / len(ids) - 0.30) < 0.02
+    assert [r.pick("other", i) for i in ids[:200]] != first[:200]  # the model name is part of the key
+    drawn = Counter(r.pick("m", "") for _ in range(20_000))
+    assert abs(drawn[2] / 20_000 - 0.30) < 0.02
+    assert {parsed(traffic_split="1=0,2=5").pick("m", i) for i in ids[:100]} == {2}
+
+
+def test_shadow_sampling_follows_the_fraction() -> None:
+    assert all(parsed(shadow="version=2,fraction=1").sample_shadow() for _ in range(1000))
+    share = sum(parsed(shadow="version=2,fraction=0.2").sample_shadow() for _ in range(20_000)) / 20_000
+    assert abs(share - 0.2) < 0.02
+    assert not parsed(version_labels="a=1").sample_shadow()
+
+
+def test_compare_labels_scores_and_regressions() -> None:
+    labels = OutputAgreement()
+    compare(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]), True, labels)
+    assert (labels.rows, labels.labelled, labels.agreed, labels.agreement) == (4, 4, 3, 0.75)
+    assert labels.mean_abs_difference is None
+    scores = OutputAgreement()
+    primary = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+    compare(primary, np.array([[0.6, 0.4], [0.7, 0.3]], np.float32), True, scores)
+    assert scores.agreement == 0.5
+    assert scores.mean_abs_difference == pytest.approx((0.3 + 0.3 + 0.5 + 0.5) / 4)
+    regression = OutputAgreement()
+    compare(np.array([[1.0], [2.0]]), np.array([[1.5], [np.nan]]), True, regression)
+    assert regression.agreement is None and regression.mean_abs_difference == 0.5  # non-finite elements are left out
+    strings = OutputAgreement()
+    compare(np.array([b"cat", b"dog"], object), np.array([b"cat", b"cow"], object), True, strings)
+    assert strings.agreement == 0.5
+    shapes = OutputAgreement()
+    compare(np.zeros((2, 3)), np.zeros((2, 4)), True, shapes)
+    assert shapes.agreement == 0.0  # another shape agrees on nothing
+    unbatched = OutputAgreement()
+    compare(np.array([3, 1]), np.array([3, 1]), False, unbatched)
+    assert (unbatched.rows, unbatched.agreement) == (1, 1.0)
+
+
+def test_a_shadowed_prediction_is_logged_beside_the_primary() -> None:
+    outputs = {"label": np.array([3])}
+    entry = Prediction("m", 1, "a" * 64, "r1", "", {"x": np.zeros(2, np.float32)}, outputs, 1.5, PredictionLogOptions())
+    plain = json.loads(encode_prediction(entry))
+    assert "shadow" not in plain
+    shadowed = Prediction(
+        "m", 1, "a" * 64, "r1", "", {}, outputs, 1.5, PredictionLogOptions(),
+        shadow=ShadowPrediction(2, "b" * 64, {"label": np.array([5])}, 2.25),
+    )  # fmt: skip
+    record = json.loads(encode_prediction(shadowed))
+    assert record["shadow"] == {
+        "version": 2,
+        "sha256": "b" * 64,
+        "latency_ms": 2.25,
+        "outputs": {"label": {"datatype": "INT64", "shape": [1], "data": [5]}},
+    }
+    dropped = ShadowPrediction(2, "b" * 64, {}, 0.0, "dropped: the server was saturated")
+    entry = Prediction("m", 1, "", "", "", {}, outputs, 1.0, PredictionLogOptions(), shadow=dropped)
+    assert json.loads(encode_prediction(entry))["shadow"]["error"] == "dropped: the server was saturated"
