@@ -356,7 +356,9 @@ class AsyncClient:
     ) -> dict[str, np.ndarray]:
         """Run the model once; returns its outputs by name (all of them unless ``outputs`` names some).
 
-        ``parameters`` travel as typed request parameters: bool, int (int64), str and float (double).
+        ``version`` is a number or one of the model's version labels (``"canary"``); None lets the server choose (its
+        traffic split, else the latest version). ``parameters`` travel as typed request parameters: bool, int
+        (int64), str and float (double).
         """
         result = await self.infer_result(
             model,

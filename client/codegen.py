@@ -11,7 +11,8 @@ The module holds, per model, a result dataclass (one field per output), a blocki
 and an asyncio one over ``client.AsyncClient``. Both call one shared ``_Model.request``, which checks every input's
 dtype (``TypeError``) and shape (``ValueError``) before anything is sent. Names that are not Python identifiers
 (``input.1``) or that are keywords (``class``) get a sanitized keyword or field name (``input_1``, ``class_``);
-the generated code keeps the mapping. The SDK has no version labels, so neither has the generated code.
+the generated code keeps the mapping. ``version`` is passed as given: a number or one of the model's version
+labels (``"canary"``), which the server resolves.
 
 Offline, a config that declares its inputs and outputs is taken as declared; one that does not is completed from
 the latest version's ONNX graph by the server's own code (``ferry.server.models.modelconfig``,
