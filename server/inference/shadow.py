@@ -27,6 +27,7 @@ import numpy as np
 from opentelemetry.trace import SpanContext
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from ferry.client.errors import FerryError
 from ferry.server.models.model import ModelVersion
 from ferry.server.models.repository import ModelRepository
 from ferry.server.models.routing import SHADOW
@@ -117,11 +118,30 @@ class ShadowRunner:
         """Start the shadow run of one answered request (its decoded feeds, requested output names and outputs), or
         drop it when the server is saturated. ``entry``: the request's prediction-log entry, held for the shadow's
         outputs (None: not sampled for the log)."""
+        try:
+            self._submit(primary, shadow, feeds, rows, names, outputs, entry, span)
+        except Exception:  # a shadow never fails the request it shadows
+            log.exception("shadow run of a request to %s not started", primary.describe())
+
+    def _submit(
+        self,
+        primary: ModelVersion,
+        shadow: ModelVersion,
+        feeds: Mapping[str, np.ndarray],
+        rows: int,
+        names: list[str],
+        outputs: list[np.ndarray],
+        entry: Prediction | None,
+        span: SpanContext | None,
+    ) -> None:
         key = (primary.name, primary.version, shadow.version)
         stats = self.stats.get(key)
         if stats is None:
             stats = self.stats[key] = ShadowStats()
-        routing = self._repository.get_model(primary.name).routing
+        try:  # the model's current routing: a reload may have changed the bound, an unload removed it (0: drop)
+            routing = self._repository.get_model(primary.name).routing
+        except FerryError:
+            routing = None
         limit = routing.shadow.max_in_flight if routing is not None and routing.shadow is not None else 0
         if self._closed or self._in_flight[primary.name] >= limit or shadow.queued:
             stats.dropped += 1

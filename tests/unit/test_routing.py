@@ -3,17 +3,20 @@ comparison (inference/shadow.py) and its prediction-log entry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import types
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from ferry.client._proto import model_config_pb2 as mc
-from ferry.client.errors import InvalidArgument
-from ferry.server.inference.shadow import OutputAgreement, compare
+from ferry.client.errors import Internal, InvalidArgument
+from ferry.server.inference.shadow import OutputAgreement, ShadowRunner, compare
 from ferry.server.models.routing import DEFAULT_SHADOW_MAX_IN_FLIGHT, Routing, Shadow, parse_routing
 from ferry.server.observability.predlog import Prediction, PredictionLogOptions, ShadowPrediction, encode_prediction
+from ferry.server.observability.stats import VersionStats
 
 
 def routing(**parameters: str) -> Routing | None:
@@ -158,3 +161,90 @@ def test_a_shadowed_prediction_is_logged_beside_the_primary() -> None:
     dropped = ShadowPrediction(2, "b" * 64, {}, 0.0, "dropped: the server was saturated")
     entry = Prediction("m", 1, "", "", "", {}, outputs, 1.0, PredictionLogOptions(), shadow=dropped)
     assert json.loads(encode_prediction(entry))["shadow"]["error"] == "dropped: the server was saturated"
+
+
+# ---- the shadow runner's bound, failures and close, with a stand-in shadow version ------------------------------
+
+
+class FakeVersion:
+    """What ShadowRunner uses of a ModelVersion; ``infer`` waits for ``gate`` and fails when ``error`` is set."""
+
+    def __init__(self, version: int, gate: asyncio.Event | None = None, error: Exception | None = None) -> None:
+        self.name, self.version, self.sha256 = "m", version, "0" * 64
+        self.max_batch_size, self.queued, self.monitor = 8, 0, None
+        self.output_index = {"y": 0}
+        self.stats = VersionStats()
+        self.gate, self.error = gate, error
+        self.started = 0
+
+    def describe(self) -> str:
+        return f"model 'm' version {self.version}"
+
+    async def infer(self, feeds: dict[str, np.ndarray], rows: int, **_: object) -> tuple[list[np.ndarray], float, None]:
+        self.started += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.error is not None:
+            raise self.error
+        return [feeds["x"] * 2], 0.0, None
+
+
+class FakeRepository:
+    def __init__(self, routing: Routing) -> None:
+        self.model = types.SimpleNamespace(routing=routing)
+
+    def get_model(self, name: str) -> object:
+        return self.model
+
+
+def runner_for(max_in_flight: int) -> ShadowRunner:
+    found = parsed(shadow=f"version=2,fraction=1,max_in_flight={max_in_flight}")
+    return ShadowRunner(FakeRepository(found))  # type: ignore[arg-type]
+
+
+def submit(runner: ShadowRunner, primary: FakeVersion, shadow: FakeVersion) -> None:
+    x = np.ones((1, 2), np.float32)
+    runner.submit(primary, shadow, {"x": x}, 1, ["y"], [x * 2], None, None)  # type: ignore[arg-type]
+
+
+def test_shadow_runs_past_the_bound_or_behind_a_queue_are_dropped_and_counted() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        primary, shadow = FakeVersion(1), FakeVersion(2, gate)
+        runner = runner_for(max_in_flight=2)
+        for _ in range(5):
+            submit(runner, primary, shadow)
+        await asyncio.sleep(0)
+        stats = runner.stats[("m", 1, 2)]
+        assert (shadow.started, stats.dropped, runner.in_flight) == (2, 3, 2)
+        gate.set()
+        while runner.in_flight:
+            await asyncio.sleep(0)
+        assert (stats.runs, stats.failed) == (2, 0) and stats.outputs["y"].mean_abs_difference == 0.0
+        assert shadow.stats.routes["shadow"] == 2
+        shadow.queued = 1  # real traffic waits for the shadow version: the shadow yields to it
+        submit(runner, primary, shadow)
+        assert stats.dropped == 4 and runner.in_flight == 0
+        await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_shadow_is_counted_and_close_cancels_runs_in_flight() -> None:
+    async def scenario() -> None:
+        runner = runner_for(max_in_flight=4)
+        primary = FakeVersion(1)
+        submit(runner, primary, FakeVersion(2, error=Internal("onnxruntime failed")))
+        while runner.in_flight:
+            await asyncio.sleep(0)
+        assert runner.stats[("m", 1, 2)].failed == 1
+        stuck = FakeVersion(2, asyncio.Event())  # never answers
+        submit(runner, primary, stuck)
+        await asyncio.sleep(0)
+        assert runner.in_flight == 1
+        await asyncio.wait_for(runner.close(), 10)
+        assert runner.in_flight == 0
+        submit(runner, primary, FakeVersion(2))  # closed: dropped
+        assert runner.stats[("m", 1, 2)].dropped == 1 and runner.in_flight == 0
+
+    asyncio.run(scenario())
