@@ -169,7 +169,8 @@ class ShadowRunner:
     ) -> None:
         began = time.perf_counter_ns()
         try:
-            outputs, _, _ = await shadow.infer(feeds, rows, span=span)
+            # at the lowest priority level the version has: real traffic to the shadow version comes first
+            outputs, _, _ = await shadow.infer(feeds, rows, priority=len(shadow.policy.levels), span=span)
         except Exception as err:  # the shadow's failure is counted and logged, never the caller's
             stats.failed += 1
             log.debug("shadow run on %s failed: %s", shadow.describe(), err)

@@ -116,6 +116,24 @@ def test_a_label_names_its_version_on_infer_ready_metadata_config_and_statistics
     assert [s.version for s in stats.model_stats] == ["3"]
 
 
+def test_each_request_is_counted_by_its_version_and_route(
+    served: tuple[BackgroundServer, Path], stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    server, _ = served
+    before = scrape(server)
+    for version in ("canary", "canary", "3", "", "stable"):
+        stub.ModelInfer(request_for("scale", {"input": ONES}, version=version), timeout=30)
+    after = scrape(server)
+
+    def routed(version: str, route: str) -> float:
+        labels = {"model": "scale", "version": version, "route": route}
+        return sample(after, "ferry_route_requests_total", **labels) - sample(
+            before, "ferry_route_requests_total", **labels
+        )
+
+    assert (routed("3", "label"), routed("3", "direct"), routed("3", "latest"), routed("1", "label")) == (2, 1, 1, 1)
+
+
 def test_an_unknown_label_is_refused_with_the_labels_the_model_has(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(request_for("scale", {"input": ONES}, version="beta"), timeout=30)

@@ -173,6 +173,7 @@ class FakeVersion:
         self.name, self.version, self.sha256 = "m", version, "0" * 64
         self.max_batch_size, self.queued, self.monitor = 8, 0, None
         self.output_index = {"y": 0}
+        self.policy = types.SimpleNamespace(levels=(None,))
         self.stats = VersionStats()
         self.gate, self.error = gate, error
         self.started = 0
