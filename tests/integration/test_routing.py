@@ -69,8 +69,11 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-@pytest.fixture(scope="module")
-def served(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BackgroundServer, Path]]:
+@pytest.fixture(scope="module", params=["ferry", "grpcio"])
+def served(
+    request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[BackgroundServer, Path]]:
+    """Both transports: routing lives above them, and this shows it."""
     root = tmp_path_factory.mktemp("routing")
     write_scale(root, "scale", ("version_labels", "stable=1,canary=3"))
     copy_versions(example_repo / "tiny", root / "tiny", [(1, 1), (1, 2)])
@@ -87,7 +90,7 @@ def served(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     write_scale(root, "unloaded", ("version_labels", "stable=1,canary=7"))
     write_scale(root, "malformed", ("traffic_split", "1=90,2=ten"))
     log = root.parent / f"{root.name}-predictions.jsonl"
-    with background_server(root, prediction_log_path=log) as server:
+    with background_server(root, prediction_log_path=log, transport=request.param) as server:
         yield server, log
 
 
