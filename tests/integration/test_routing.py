@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc as tc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -144,12 +145,29 @@ def test_an_unknown_label_is_refused_with_the_labels_the_model_has(stub: pb_grpc
     assert "one of its labels ['canary', 'stable'], got 'beta'" in str(caught.value.details())
 
 
-def test_the_sdk_passes_a_label(served: tuple[BackgroundServer, Path]) -> None:
+def test_the_sdk_tritonclient_and_streams_pass_a_label(
+    served: tuple[BackgroundServer, Path], stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
     with Client(served[0].address) as client:
         result = client.infer_result("scale", {"input": ONES}, version="canary")
         assert result.model_version == "3"
         np.testing.assert_array_equal(result.outputs["output"], ONES * 3)
         assert client.model_ready("scale", "stable")
+    triton = tc.InferenceServerClient(served[0].address)
+    try:
+        given = tc.InferInput("input", list(ONES.shape), "FP32")
+        given.set_data_from_numpy(ONES)
+        answer = triton.infer("scale", [given], model_version="stable")
+        assert answer.get_response().model_version == "1"
+        np.testing.assert_array_equal(answer.as_numpy("output"), ONES)
+    finally:
+        triton.close()
+    requests = [request_for("scale", {"input": ONES}, version=v, id=v) for v in ("canary", "stable", "beta")]
+    replies = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter(requests), timeout=30)}
+    assert (
+        replies["canary"].infer_response.model_version == "3" and replies["stable"].infer_response.model_version == "1"
+    )
+    assert "one of its labels ['canary', 'stable'], got 'beta'" in replies["beta"].error_message
 
 
 def test_a_config_naming_a_version_that_is_not_loaded_fails_with_that_version(
