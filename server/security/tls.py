@@ -1,0 +1,286 @@
+"""TLS for both listeners: the server's certificate and key (and, for mTLS, the CA client certificates must chain
+to), loaded into ``ssl.SSLContext`` objects for Ferry's transport and the HTTP port and into grpc credentials for
+``--transport grpcio``, reloaded without a restart; and a peer certificate as gRPC's ``auth_context()`` mapping.
+
+Settings: TLS 1.2 at least; ALPN ``h2`` on the gRPC port (RFC 9113 §3.2: HTTP/2 over TLS is chosen by ALPN, and
+grpc clients insist on it), ``http/1.1`` on the HTTP port; with a client CA, a client certificate is required
+(``CERT_REQUIRED``: a client without one, or with one that does not chain to the CA, fails the handshake, so it
+never reaches a handler).
+
+Reload (:class:`CertificateReloader`): on ``SIGHUP`` (:meth:`~CertificateReloader.reload`, which app.py calls) and
+when one of the files' inode, size or modification time changes (:meth:`~CertificateReloader.check`, every
+``check_interval_s``), the files are loaded into new contexts; if that fails (a PEM that does not parse, a key that
+does not match the certificate, a file missing half-way through a copy), the old pair stays and the reason is
+logged. A change seen while the files are being written (their stat differs before and after the load) is not
+taken: the next check loads them whole.
+
+How a listener takes the new pair without giving up its socket: the ``SSLContext`` a listener was created with
+(:meth:`~CertificateReloader.listener_context`) is a front: its SNI callback, which OpenSSL runs on every
+ClientHello (with ``server_name`` None when the client sent no SNI), sets the connection's context to the newest
+one (``SSLObject.context = ...``, OpenSSL's ``SSL_set_SSL_CTX``) before the certificate is chosen, the client
+certificate verified or ALPN selected. So each handshake uses the pair that was current when it began, a
+connection already open keeps the one it was made with, and the listening socket is never closed or rebound (no
+window where connections are refused, nothing to race with the drain). The cost is one attribute compare per
+handshake. grpcio has its own mechanism for the same: ``grpc.dynamic_ssl_server_credentials``, whose fetcher grpc
+calls before every handshake and which here returns the new configuration once after each reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from ferry.client.errors import InvalidArgument
+
+log = logging.getLogger("ferry.server.security.tls")
+
+GRPC_ALPN = ("h2",)
+HTTP_ALPN = ("http/1.1",)
+
+AuthContext = dict[str, list[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """Where the server's TLS material is: PEM files. ``cert`` may hold intermediates after the leaf."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    """CA certificates (PEM) a client certificate must chain to; None: no client certificate is asked for."""
+
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert, self.key) if self.client_ca is None else (self.cert, self.key, self.client_ca)
+
+
+def server_context(files: TlsFiles, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A server context for ``files``, offering ``alpn``. Raises ``ssl.SSLError`` or ``OSError`` when a file cannot
+    be read, does not parse, or the key does not match the certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.load_cert_chain(files.cert, files.key)  # checks that the key is the certificate's
+    if files.client_ca is not None:
+        context.load_verify_locations(cafile=files.client_ca)
+        if not context.get_ca_certs():
+            raise ssl.SSLError(f"{files.client_ca} holds no CA certificate")
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(list(alpn))
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """One loaded generation of the files: a context per ALPN list and the bytes grpcio's credentials take."""
+
+    generation: int
+    contexts: dict[tuple[str, ...], ssl.SSLContext]
+    cert_chain: bytes
+    key: bytes
+    client_ca: bytes | None
+
+    def grpc_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(self.key, self.cert_chain)], self.client_ca)
+
+
+Signature = tuple[tuple[int, int, int], ...]
+
+
+class CertificateReloader:
+    """The server's TLS material, reloaded on :meth:`reload` (SIGHUP) and when the files change (:meth:`check`,
+    every ``check_interval_s`` once :meth:`start` ran). Raises ``InvalidArgument`` at construction when the files
+    cannot be loaded: a server must not start without the TLS it was asked for."""
+
+    def __init__(self, files: TlsFiles, check_interval_s: float = 5.0) -> None:
+        self.files = files
+        self.check_interval_s = check_interval_s
+        self.listeners: list[Callable[[bool, str], None]] = []
+        """Called after each reload attempt with (succeeded, what happened): the audit log hooks in here."""
+        self._alpns: set[tuple[str, ...]] = {GRPC_ALPN, HTTP_ALPN}
+        self._task: asyncio.Task[None] | None = None
+        self._failed: Signature | None = None  # files that failed to load: not tried again until they change
+        try:
+            self._current = self._load(1)
+            self._signature = self._stat()
+        except (OSError, ssl.SSLError, ValueError) as err:
+            raise InvalidArgument(f"cannot load the TLS certificate and key: {_why(err)}") from None
+
+    @property
+    def generation(self) -> int:
+        """1 for the pair loaded at start, one more for each successful reload."""
+        return self._current.generation
+
+    @property
+    def requires_client_certificate(self) -> bool:
+        return self.files.client_ca is not None
+
+    def _stat(self) -> Signature:
+        """The files' (inode, size, mtime); ``()`` when one is missing (being replaced, or gone)."""
+        out = []
+        for path in self.files.paths():
+            try:
+                st = os.stat(path)
+            except OSError:
+                return ()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _load(self, generation: int) -> _Loaded:
+        files = self.files
+        cert_chain, key = files.cert.read_bytes(), files.key.read_bytes()
+        client_ca = files.client_ca.read_bytes() if files.client_ca is not None else None
+        contexts = {alpn: server_context(files, alpn) for alpn in self._alpns}
+        return _Loaded(generation, contexts, cert_chain, key, client_ca)
+
+    def context(self, alpn: Sequence[str] = GRPC_ALPN) -> ssl.SSLContext:
+        """The newest context for this ALPN list (what the next handshake on such a listener uses)."""
+        return self._current.contexts[tuple(alpn)]
+
+    def listener_context(self, alpn: Sequence[str] = GRPC_ALPN) -> ssl.SSLContext:
+        """A context to create a listener with: each handshake on it switches to the newest pair (module docstring).
+        A later reload loads contexts for this ALPN list too."""
+        key = tuple(alpn)
+        if key not in self._alpns:
+            self._alpns.add(key)
+            self._current.contexts[key] = server_context(self.files, key)
+        front = server_context(self.files, key)
+
+        def newest(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            current = self._current.contexts[key]
+            if connection.context is not current:
+                connection.context = current
+
+        front.sni_callback = newest
+        return front
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """grpcio's server credentials for these files, following reloads (grpc calls the fetcher before each
+        handshake; it answers the new configuration once per reload and None, "no change", otherwise)."""
+        served = self._current.generation
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal served
+            current = self._current
+            if current.generation == served:
+                return None
+            served = current.generation
+            return current.grpc_configuration()
+
+        return grpc.dynamic_ssl_server_credentials(
+            self._current.grpc_configuration(), fetch, require_client_authentication=self.requires_client_certificate
+        )
+
+    def reload(self, reason: str = "SIGHUP") -> bool:
+        """Load the files again; on failure keep the pair in use and log why. Returns whether the new pair is in
+        use."""
+        try:
+            before = self._stat()
+            loaded = self._load(self._current.generation + 1)
+            after = self._stat()
+        except (OSError, ssl.SSLError, ValueError) as err:
+            self._failed = self._stat()
+            message = f"TLS reload ({reason}) failed, keeping the certificate in use: {_why(err)}"
+            log.error("%s", message)
+            self._notify(False, message)
+            return False
+        if before != after:
+            log.info("TLS reload (%s): the files changed while being read; trying again at the next check", reason)
+            return False
+        self._current, self._signature, self._failed = loaded, after, None
+        message = f"TLS reload ({reason}): certificate {self.files.cert} in use for new connections"
+        log.info("%s (generation %d)", message, loaded.generation)
+        self._notify(True, message)
+        return True
+
+    def check(self) -> bool:
+        """Reload if the files changed since the last load (or the last failed attempt); whether a new pair is in
+        use."""
+        signature = self._stat()
+        if signature in (self._signature, self._failed):
+            return False
+        return self.reload("the files changed")
+
+    def _notify(self, ok: bool, message: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(ok, message)
+            except Exception:
+                log.exception("a TLS reload listener failed")
+
+    def start(self) -> None:
+        """Check the files every ``check_interval_s`` on the running loop, until :meth:`stop`."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="ferry-tls-reload")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            self.check()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _why(err: BaseException) -> str:
+    if isinstance(err, ssl.SSLError):
+        return f"{err.reason or err}" if err.reason else str(err)
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err)
+
+
+def certificate_auth_context(info: dict[str, object], der: bytes) -> AuthContext:
+    """A verified peer certificate as gRPC's auth_context properties (grpc-core's names): its subject CN, every
+    DNS, URI, email and IP subject alternative name, and the certificate in PEM. ``info`` is
+    ``SSLObject.getpeercert()``'s dict, ``der`` its ``binary_form=True``."""
+    out: AuthContext = {}
+    subject = info.get("subject", ())
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]  # type: ignore[attr-defined]
+    if names:
+        out["x509_common_name"] = [names[-1].encode()]
+    sans = [str(v).encode() for kind, v in info.get("subjectAltName", ()) if kind in _SAN_KINDS]  # type: ignore[attr-defined]
+    if sans:
+        out["x509_subject_alternative_name"] = sans
+    out["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode()]
+    return out
+
+
+_SAN_KINDS = frozenset({"DNS", "URI", "email", "IP Address"})
+
+
+def auth_context(ssl_object: ssl.SSLObject | None) -> AuthContext:
+    """A connection's auth_context (contract C1): empty without TLS; ``transport_security_type: [b"ssl"]`` under
+    TLS; with a verified client certificate also its properties (:func:`certificate_auth_context`)."""
+    if ssl_object is None:
+        return {}
+    out: AuthContext = {"transport_security_type": [b"ssl"]}
+    der = ssl_object.getpeercert(binary_form=True)
+    if der:
+        info = ssl_object.getpeercert()  # a dict only for a verified certificate (mTLS); {} otherwise
+        if info:
+            out.update(certificate_auth_context(dict(info), der))
+    return out
+
+
+__all__ = [
+    "GRPC_ALPN",
+    "HTTP_ALPN",
+    "AuthContext",
+    "CertificateReloader",
+    "TlsFiles",
+    "auth_context",
+    "certificate_auth_context",
+    "server_context",
+]
