@@ -13,12 +13,15 @@ within 10 s is closed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ferry.server.models.repository import ModelRepository
 
@@ -44,19 +47,49 @@ class HttpLimits:
             "max_field_size": self.max_line_bytes,
             "max_headers": self.max_headers,
             "keepalive_timeout": self.keepalive_s,
+            "logger": _BadRequestsQuiet(log),
         }
+
+
+log = logging.getLogger("ferry.server.http")
+
+
+class _BadRequestsQuiet(logging.LoggerAdapter):
+    """aiohttp's server logger, but a request refused by its parser (a 400: an oversized header line, too many
+    fields, not HTTP) is logged at DEBUG by its kind only: aiohttp logs it at ERROR with a traceback whose message
+    quotes the offending bytes, which could be an ``authorization`` value, and any client could fill the log."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(error, HttpProcessingError):
+            self.logger.debug("refused a malformed HTTP request (%s)", type(error).__name__)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class _Busy(asyncio.Protocol):
-    """A connection past ``max_connections``: told so and closed."""
+    """A connection past ``max_connections``: answered 503 and closed once the client closes or within a second
+    (what it sends meanwhile is dropped: closing with its request unread would reset the connection, and the client
+    would lose the answer)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        assert isinstance(transport, asyncio.Transport)
         transport.write(_BUSY)
-        transport.close()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
 
 
 class HttpSite(web.BaseSite):
