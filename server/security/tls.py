@@ -111,7 +111,7 @@ class CertificateReloader:
             self._current = self._load(1)
             self._signature = self._stat()
         except (OSError, ssl.SSLError, ValueError) as err:
-            raise InvalidArgument(f"cannot load the TLS certificate and key: {_why(err)}") from None
+            raise InvalidArgument(f"cannot load the TLS certificate and key: {_why(err, files)}") from None
 
     @property
     def generation(self) -> int:
@@ -187,7 +187,7 @@ class CertificateReloader:
             after = self._stat()
         except (OSError, ssl.SSLError, ValueError) as err:
             self._failed = self._stat()
-            message = f"TLS reload ({reason}) failed, keeping the certificate in use: {_why(err)}"
+            message = f"TLS reload ({reason}) failed, keeping the certificate in use: {_why(err, self.files)}"
             log.error("%s", message)
             self._notify(False, message)
             return False
@@ -233,12 +233,27 @@ class CertificateReloader:
                 await task
 
 
-def _why(err: BaseException) -> str:
-    if isinstance(err, ssl.SSLError):
-        return f"{err.reason or err}" if err.reason else str(err)
-    if isinstance(err, OSError) and err.filename:
-        return f"{err.strerror}: {err.filename}"
-    return str(err)
+def _why(err: BaseException, files: TlsFiles) -> str:
+    """What went wrong, in words an operator can act on (OpenSSL says "PEM lib" for a file it cannot read)."""
+    if isinstance(err, OSError) and not isinstance(err, ssl.SSLError):
+        return f"{err.strerror}: {err.filename}" if err.filename else str(err)
+    reason = getattr(err, "reason", None) or str(err)
+    if reason == "KEY_VALUES_MISMATCH":
+        return f"the key {files.key} is not the key of the certificate {files.cert} (KEY_VALUES_MISMATCH)"
+    if reason == "PEM_LIB" or "PEM lib" in str(err):
+        for path in (files.cert, files.client_ca):
+            if path is not None and not _certificates_load(path):
+                return f"{path} holds no certificate that can be read (PEM)"
+        return f"the key {files.key} cannot be read (PEM, unencrypted)"
+    return str(reason)
+
+
+def _certificates_load(path: Path) -> bool:
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return True
 
 
 def certificate_auth_context(info: dict[str, object], der: bytes) -> AuthContext:
