@@ -5,6 +5,7 @@ Certificates are made at test time (tests/certs.py)."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.errors import InvalidArgument, Unavailable
 from ferry.server.app import FerryServer
 from ferry.server.config import ServerConfig
+from ferry.server.security.tls import CertificateReloader, TlsFiles
 from tests.certs import PKI, Pair, make_pki, serial_of
 from tests.serving import BackgroundServer, FerryProcess, background_server
 
@@ -281,6 +284,19 @@ def test_the_transport_gives_handlers_the_peer_certificate(repo: Path, pki: PKI)
     with background_server(repo) as plain:
         assert ask(plain, None) == {}
 
+    # grpcio's own server, with the credentials Ferry gives it, reports the same properties
+    reloader = CertificateReloader(TlsFiles(pki.server.cert, pki.server.key, pki.ca))
+    reference = grpc.server(ThreadPoolExecutor(2))
+    reference.add_generic_rpc_handlers([generic])
+    port = reference.add_secure_port("127.0.0.1:0", reloader.grpc_credentials())
+    reference.start()
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{port}", served.credentials()) as channel:
+            grpcio = json.loads(channel.unary_unary("/test.Peer/Auth")(b"", timeout=30))
+    finally:
+        reference.stop(None)
+    assert {key: grpcio[key] for key in found} == found
+
 
 # --- the HTTP port ----------------------------------------------------------------------------------------------
 
@@ -376,7 +392,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
-def _client_hello(address: str) -> bytes:
+def _client_hello() -> bytes:
     """The first bytes a real TLS client sends (its ClientHello), captured from a handshake with no server."""
     context = ssl.create_default_context()
     context.set_alpn_protocols(["h2"])
@@ -387,29 +403,52 @@ def _client_hello(address: str) -> bytes:
     return outgoing.read()
 
 
-def test_garbage_and_half_open_handshakes_are_closed_while_others_are_served(tls: Served) -> None:
-    host, port = tls.address.rsplit(":", 1)
-    hello = _client_hello(tls.address)
-    garbage = socket.create_connection((host, int(port)), timeout=30)
+def hostile_handshakes(port: int, bystander: Callable[[], None]) -> None:
+    """Garbage, a silent connection, half a ClientHello and a ClientHello never followed up, on ``port``: each is
+    closed within the bound while ``bystander`` is served, before and after."""
+    hello = _client_hello()
+    garbage = socket.create_connection(("127.0.0.1", port), timeout=30)
     garbage.sendall(b"\x16\x03\x01\x00\x10" + os.urandom(16) + b"GET / HTTP/1.1\r\n\r\n" * 4)
-    silent = socket.create_connection((host, int(port)), timeout=30)  # connects, never says a word
-    half = socket.create_connection((host, int(port)), timeout=30)
+    silent = socket.create_connection(("127.0.0.1", port), timeout=30)  # connects, never says a word
+    half = socket.create_connection(("127.0.0.1", port), timeout=30)
     half.sendall(hello[: len(hello) // 2])  # a ClientHello that never completes
-    stalled = socket.create_connection((host, int(port)), timeout=30)
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
     stalled.sendall(hello)  # a whole ClientHello, then nothing: the server's reply is never answered
     try:
-        with tls.channel() as channel:  # a bystander, served while they hang
-            for _ in range(3):
-                assert infer(channel).shape == (1, 4)
+        for _ in range(3):
+            bystander()  # served while they hang
         started = time.monotonic()
         assert _closed_within(garbage, BOUND_S), "a garbage handshake was not closed"
         for sock in (silent, half, stalled):
             assert _closed_within(sock, max(1.0, BOUND_S - (time.monotonic() - started))), "a stalled handshake"
-        with tls.channel() as channel:
-            assert infer(channel).shape == (1, 4)
+        bystander()
     finally:
         for sock in (garbage, silent, half, stalled):
             sock.close()
+
+
+def test_garbage_and_half_open_handshakes_are_closed_while_others_are_served(tls: Served) -> None:
+    def bystander() -> None:
+        with tls.channel() as channel:
+            assert infer(channel).shape == (1, 4)
+
+    hostile_handshakes(int(tls.address.rsplit(":", 1)[1]), bystander)
+
+
+def test_the_https_port_closes_garbage_and_half_open_handshakes(tls: Served) -> None:
+    port = tls.server.server.http_port
+    assert port is not None
+    context = ssl.create_default_context(cafile=tls.pki.ca)
+
+    def bystander() -> None:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+        try:
+            connection.request("GET", "/v2/health/live")
+            assert connection.getresponse().status == 200
+        finally:
+            connection.close()
+
+    hostile_handshakes(port, bystander)
 
 
 def test_ferry_transport_closes_a_tls_connection_without_alpn_h2(repo: Path, pki: PKI) -> None:
