@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ferry.server.models.repository import ModelRepository
+
+log = logging.getLogger("ferry.server.http")
 
 _VERSION_HEADER = {"X-Prometheus-Exposition-Format": "0.0.4"}  # text format 0.0.4, as prometheus_client emits
 
@@ -47,24 +49,24 @@ class HttpLimits:
             "max_field_size": self.max_line_bytes,
             "max_headers": self.max_headers,
             "keepalive_timeout": self.keepalive_s,
-            "logger": _BadRequestsQuiet(log),
         }
 
 
-log = logging.getLogger("ferry.server.http")
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler, but a request its parser refuses (an oversized line or header field, too many
+    fields, not HTTP: a 400) is answered with the kind of error only and logged at DEBUG. aiohttp's own answer and
+    its ERROR log line (with a traceback) quote the offending bytes, which may be an ``authorization`` value, and
+    any client could fill the log with them."""
 
-
-class _BadRequestsQuiet(logging.LoggerAdapter):
-    """aiohttp's server logger, but a request refused by its parser (a 400: an oversized header line, too many
-    fields, not HTTP) is logged at DEBUG by its kind only: aiohttp logs it at ERROR with a traceback whose message
-    quotes the offending bytes, which could be an ``authorization`` value, and any client could fill the log."""
-
-    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
-        error = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(error, HttpProcessingError):
-            self.logger.debug("refused a malformed HTTP request (%s)", type(error).__name__)
-            return
-        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        log.debug("refused a malformed HTTP request from %s (%s)", request.remote, type(exc).__name__)
+        response = web.Response(status=status, text=f"{status} {HTTPStatus(status).phrase}: {type(exc).__name__}\n")
+        response.force_close()
+        return response
 
 
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
@@ -113,7 +115,9 @@ class HttpSite(web.BaseSite):
         limit = self._limits.max_connections
 
         def connection() -> asyncio.BaseProtocol:
-            return _Busy() if len(server.connections) >= limit else server()
+            if len(server.connections) >= limit:
+                return _Busy()
+            return _Handler(server, loop=server._loop, **server._kwargs)  # what server() makes, our subclass
 
         self._server = await asyncio.get_running_loop().create_server(
             connection,

@@ -354,9 +354,12 @@ def test_http_port_refuses_oversized_headers_and_too_many_connections(
         assert _http_request(port).startswith(b"HTTP/1.1 200")
         secret = b"s3cr3t-" + b"x" * (16 << 10)
         with caplog.at_level("DEBUG"):
-            assert _http_request(port, b"Authorization: Bearer " + secret + b"\r\n").startswith(b"HTTP/1.0 400")
+            refused = _http_request(port, b"Authorization: Bearer " + secret + b"\r\n")
             many = b"".join(b"X-%d: y\r\n" % i for i in range(200))
-            assert _http_request(port, many).startswith(b"HTTP/1.0 400")
+            too_many = _http_request(port, many)
+        for answer in (refused, too_many):
+            assert answer.split(b"\r\n", 1)[0] in (b"HTTP/1.0 400 Bad Request", b"HTTP/1.1 400 Bad Request"), answer
+        assert b"s3cr3t" not in refused
         assert not [r for r in caplog.records if r.levelno >= 30 or "s3cr3t" in r.getMessage()]
         assert _http_request(port).startswith(b"HTTP/1.1 200")
         held = []
