@@ -72,14 +72,18 @@ class Served:
     def https(self) -> str:
         return f"https://127.0.0.1:{self.server.server.http_port}"
 
-    def credentials(self, client: Pair | None = None) -> grpc.ChannelCredentials:
-        client = client or (self.pki.client if self.mtls else None)
-        if client is None:
-            return grpc.ssl_channel_credentials(self.pki.ca.read_bytes())
-        return grpc.ssl_channel_credentials(self.pki.ca.read_bytes(), client.key.read_bytes(), client.cert.read_bytes())
+    def credentials(self) -> grpc.ChannelCredentials:
+        return client_credentials(self.pki, self.pki.client if self.mtls else None)
 
-    def channel(self, client: Pair | None = None) -> grpc.Channel:
-        return grpc.secure_channel(self.address, self.credentials(client))
+    def channel(self) -> grpc.Channel:
+        return grpc.secure_channel(self.address, self.credentials())
+
+
+def client_credentials(pki: PKI, client: Pair | None) -> grpc.ChannelCredentials:
+    """Trusting the test CA; presenting ``client``'s certificate when given."""
+    if client is None:
+        return grpc.ssl_channel_credentials(pki.ca.read_bytes())
+    return grpc.ssl_channel_credentials(pki.ca.read_bytes(), client.key.read_bytes(), client.cert.read_bytes())
 
 
 @contextlib.contextmanager
@@ -87,8 +91,8 @@ def tls_server(repo: Path, pki: PKI, transport: str, mtls: bool, **overrides: An
     settings: dict[str, Any] = {"transport": transport, "tls_cert": pki.server.cert, "tls_key": pki.server.key}
     if mtls:
         settings["tls_client_ca"] = pki.ca
-    probe = Served(None, transport, mtls, pki)  # type: ignore[arg-type]  # credentials only
-    with background_server(repo, credentials=probe.credentials(), **settings, **overrides) as server:
+    credentials = client_credentials(pki, pki.client if mtls else None)
+    with background_server(repo, credentials=credentials, **settings, **overrides) as server:
         yield Served(server, transport, mtls, pki)
 
 
@@ -242,11 +246,7 @@ def test_a_client_that_does_not_trust_the_server_fails(tls: Served) -> None:
 def test_mtls_refuses_clients_without_a_certificate_from_its_ca(mtls: Served, who: str) -> None:
     before = successes(mtls)
     pki = mtls.pki
-    if who == "none":
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes())
-    else:
-        pair: Pair = getattr(pki, who)
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), pair.key.read_bytes(), pair.cert.read_bytes())
+    credentials = client_credentials(pki, None if who == "none" else getattr(pki, who))
     with grpc.secure_channel(mtls.address, credentials) as channel, pytest.raises(grpc.RpcError) as failed:
         infer(channel, timeout=10)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -577,9 +577,7 @@ def test_reload_under_load_serves_the_new_pair_and_keeps_it_after_a_bad_reload(
     live = tmp_path / "live"
     live.mkdir()
     install(pki.server, live)
-    credentials = grpc.ssl_channel_credentials(
-        pki.ca.read_bytes(), pki.client.key.read_bytes(), pki.client.cert.read_bytes()
-    )
+    credentials = client_credentials(pki, pki.client)
     args = ["--transport", transport, "--tls-cert", str(live / "server.pem"), "--tls-key", str(live / "server.key")]
     args += ["--tls-client-ca", str(pki.ca), "--tls-reload-check-s", "3600"]  # SIGHUP only, until the last step
     server = FerryProcess(repo, *args, log=tmp_path / "server.log", credentials=credentials)
@@ -617,12 +615,12 @@ def test_changed_files_are_picked_up_without_a_signal(repo: Path, pki: PKI, tmp_
     install(pki.server, live)
     with background_server(
         repo,
-        credentials=grpc.ssl_channel_credentials(pki.ca.read_bytes()),
+        credentials=client_credentials(pki, None),
         tls_cert=live / "server.pem",
         tls_key=live / "server.key",
         tls_reload_check_s=0.2,
     ) as served:
-        with grpc.secure_channel(served.address, grpc.ssl_channel_credentials(pki.ca.read_bytes())) as kept:
+        with grpc.secure_channel(served.address, client_credentials(pki, None)) as kept:
             assert infer(kept).shape == (1, 4)
             fresh = pki.issue_server("by-mtime")
             install(fresh, live)

@@ -1,0 +1,76 @@
+"""The certificate reloader's decisions without a server (the integration suite drives it through real listeners):
+what a check reloads, what a failed reload keeps and how often it is logged; a certificate as auth_context."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ferry.server.security.tls import CertificateReloader, TlsFiles, auth_context, certificate_auth_context
+from tests.certs import PKI, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def live_files(pki: PKI, into: Path) -> TlsFiles:
+    shutil.copy(pki.server.cert, into / "server.pem")
+    shutil.copy(pki.server.key, into / "server.key")
+    return TlsFiles(into / "server.pem", into / "server.key", pki.ca)
+
+
+def test_a_check_reloads_only_changed_files(pki: PKI, tmp_path: Path) -> None:
+    reloader = CertificateReloader(live_files(pki, tmp_path))
+    results: list[bool] = []
+    reloader.listeners.append(lambda ok, message: results.append(ok))
+    assert not reloader.check()
+    fresh = pki.issue_server("fresh")
+    shutil.copy(fresh.cert, tmp_path / "server.pem")
+    shutil.copy(fresh.key, tmp_path / "server.key")
+    assert reloader.check()
+    assert reloader.generation == 2
+    assert not reloader.check()
+    assert results == [True]
+
+
+def test_a_broken_pair_is_logged_once_and_kept_out(pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reloader = CertificateReloader(live_files(pki, tmp_path))
+    before = reloader.context()
+    (tmp_path / "server.key").write_bytes(pki.client.key.read_bytes())  # not the certificate's key
+    with caplog.at_level("ERROR"):
+        for _ in range(5):
+            assert not reloader.check()
+        (tmp_path / "server.pem").unlink()  # half-way through a copy
+        for _ in range(5):
+            assert not reloader.check()
+    failures = [r.getMessage() for r in caplog.records]
+    assert len(failures) == 2, failures
+    assert "is not the key of the certificate" in failures[0]
+    assert "No such file" in failures[1]
+    assert reloader.context() is before and reloader.generation == 1
+    shutil.copy(pki.server.cert, tmp_path / "server.pem")
+    shutil.copy(pki.server.key, tmp_path / "server.key")
+    assert reloader.check()  # whole again
+    assert reloader.generation == 2
+
+
+def test_sighup_reloads_even_unchanged_files(pki: PKI, tmp_path: Path) -> None:
+    reloader = CertificateReloader(live_files(pki, tmp_path))
+    assert reloader.reload("SIGHUP")
+    assert reloader.generation == 2
+
+
+def test_auth_context_of_a_certificate() -> None:
+    info = {
+        "subject": ((("organizationName", "Ferry"),), (("commonName", "ops.internal"),)),
+        "subjectAltName": (("DNS", "ops.internal"), ("URI", "spiffe://x/ops"), ("IP Address", "10.0.0.1"), ("x", "y")),
+    }
+    found = certificate_auth_context(info, b"\x30\x00")
+    assert found["x509_common_name"] == [b"ops.internal"]
+    assert found["x509_subject_alternative_name"] == [b"ops.internal", b"spiffe://x/ops", b"10.0.0.1"]
+    assert found["x509_pem_cert"][0].startswith(b"-----BEGIN CERTIFICATE-----")
+    assert auth_context(None) == {}
