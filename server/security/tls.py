@@ -5,7 +5,9 @@ to), loaded into ``ssl.SSLContext`` objects for Ferry's transport and the HTTP p
 Settings: TLS 1.2 at least; ALPN ``h2`` on the gRPC port (RFC 9113 §3.2: HTTP/2 over TLS is chosen by ALPN, and
 grpc clients insist on it), ``http/1.1`` on the HTTP port; with a client CA, a client certificate is required
 (``CERT_REQUIRED``: a client without one, or with one that does not chain to the CA, fails the handshake, so it
-never reaches a handler).
+never reaches a handler). Sessions are not resumed, so every connection is verified against the CA in force
+(a client certificate whose CA was rotated out cannot come back on a resumed session); gRPC clients keep their
+connections, so a full handshake per connection costs little.
 
 Reload (:class:`CertificateReloader`): on ``SIGHUP`` (:meth:`~CertificateReloader.reload`, which app.py calls) and
 when one of the files' inode, size or modification time changes (:meth:`~CertificateReloader.check`, every
@@ -67,6 +69,10 @@ def server_context(files: TlsFiles, alpn: Sequence[str]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # No session resumption (no TLS 1.2 or 1.3 tickets): each connection is a full handshake, verified against the
+    # client CA in force now; a resumed session would carry an identity past a CA rotation.
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     context.load_cert_chain(files.cert, files.key)  # checks that the key is the certificate's
     if files.client_ca is not None:
         context.load_verify_locations(cafile=files.client_ca)

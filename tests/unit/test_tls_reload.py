@@ -3,7 +3,11 @@ what a check reloads, what a failed reload keeps and how often it is logged; a c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
+import socket
+import ssl
 from pathlib import Path
 
 import pytest
@@ -74,3 +78,33 @@ def test_auth_context_of_a_certificate() -> None:
     assert found["x509_subject_alternative_name"] == [b"ops.internal", b"spiffe://x/ops", b"10.0.0.1"]
     assert found["x509_pem_cert"][0].startswith(b"-----BEGIN CERTIFICATE-----")
     assert auth_context(None) == {}
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_sessions_are_not_resumed(pki: PKI, tmp_path: Path, version: ssl.TLSVersion) -> None:
+    """Every connection is a full handshake, verified against the client CA in force now."""
+    reloader = CertificateReloader(live_files(pki, tmp_path))
+    client = ssl.create_default_context(cafile=pki.ca)
+    client.maximum_version = version
+    client.load_cert_chain(pki.client.cert, pki.client.key)
+
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0, ssl=reloader.listener_context())
+        port = server.sockets[0].getsockname()[1]
+
+        def connect(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            with client.wrap_socket(raw, server_hostname="localhost", session=session) as sock:
+                sock.sendall(b"x")  # TLS 1.3 tickets arrive after the handshake: give them a chance
+                sock.settimeout(0.5)
+                with contextlib.suppress(TimeoutError):
+                    sock.recv(1)
+                return sock.session, sock.session_reused
+
+        first, _ = await asyncio.to_thread(connect, None)
+        _, reused = await asyncio.to_thread(connect, first)
+        server.close()
+        return [reused]
+
+    assert asyncio.run(main()) == [False]
