@@ -2,7 +2,8 @@
 
 ``make_pki(directory)`` writes a small PKI as PEM files and returns their paths: a root CA, an intermediate CA, a
 server certificate issued by the intermediate (SAN ``localhost`` and ``127.0.0.1``; its file holds the chain, leaf
-then intermediate), a client certificate issued by the root, one issued by another CA, and a self-signed one.
+then intermediate), a client certificate issued by the root, another CA and a client certificate it issued, and a
+self-signed one.
 ``PKI.issue_server`` makes further server pairs (a reload test swaps them in); each pair knows its serial.
 """
 
@@ -46,7 +47,8 @@ class PKI:
     client: Pair
     """CN ``client.ferry.test``, SAN ``spiffe://ferry.test/client``, issued by the root."""
     other_client: Pair
-    """Issued by another CA, which the server does not trust."""
+    """Issued by another CA (``other_ca``), which the server does not trust."""
+    other_ca: Path
     self_signed: Pair
     _intermediate: _Issuer = field(repr=False)
 
@@ -146,6 +148,7 @@ def make_pki(directory: Path) -> PKI:
     intermediate = _ca("Ferry Test Intermediate CA", root)
     other = _ca("Some Other CA")
     (directory / "ca.pem").write_bytes(_pem(root.cert))
+    (directory / "other-ca.pem").write_bytes(_pem(other.cert))
     return PKI(
         directory=directory,
         ca=directory / "ca.pem",
@@ -153,6 +156,7 @@ def make_pki(directory: Path) -> PKI:
         client=_client_pair(directory, "client", "client.ferry.test", root),
         other_client=_client_pair(directory, "other-client", "client.ferry.test", other),
         self_signed=_client_pair(directory, "self-signed", "client.ferry.test", None),
+        other_ca=directory / "other-ca.pem",
         _intermediate=intermediate,
     )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ferry.server.security.tls import CertificateReloader, TlsFiles, auth_context, certificate_auth_context
-from tests.certs import PKI, make_pki
+from tests.certs import PKI, Pair, make_pki
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 def live_files(pki: PKI, into: Path) -> TlsFiles:
     shutil.copy(pki.server.cert, into / "server.pem")
     shutil.copy(pki.server.key, into / "server.key")
-    return TlsFiles(into / "server.pem", into / "server.key", pki.ca)
+    shutil.copy(pki.ca, into / "client-ca.pem")
+    return TlsFiles(into / "server.pem", into / "server.key", into / "client-ca.pem")
 
 
 def test_a_check_reloads_only_changed_files(pki: PKI, tmp_path: Path) -> None:
@@ -108,3 +109,42 @@ def test_sessions_are_not_resumed(pki: PKI, tmp_path: Path, version: ssl.TLSVers
         return [reused]
 
     assert asyncio.run(main()) == [False]
+
+
+class Hello(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"hello")
+
+
+def test_a_reloaded_client_ca_decides_new_handshakes(pki: PKI, tmp_path: Path) -> None:
+    """The CA is part of the pair a handshake switches to: after the CA file is replaced, a client of the old CA is
+    refused and one of the new CA admitted, on the same listener."""
+    files = live_files(pki, tmp_path)
+    reloader = CertificateReloader(files)
+
+    async def main() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Hello, "127.0.0.1", 0, ssl=reloader.listener_context())
+        port = server.sockets[0].getsockname()[1]
+
+        def admitted(client: Pair) -> bool:
+            """Whether the server's protocol was reached (it greets each connection once its handshake is done)."""
+            context = ssl.create_default_context(cafile=pki.ca)
+            context.load_cert_chain(client.cert, client.key)
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            try:
+                with context.wrap_socket(raw, server_hostname="localhost") as sock:
+                    return sock.recv(5) == b"hello"
+            except (ssl.SSLError, ConnectionResetError):
+                return False
+
+        out = [await asyncio.to_thread(admitted, pki.client), await asyncio.to_thread(admitted, pki.other_client)]
+        assert files.client_ca is not None
+        shutil.copy(pki.other_ca, files.client_ca)
+        assert reloader.reload("test")
+        out += [await asyncio.to_thread(admitted, pki.client), await asyncio.to_thread(admitted, pki.other_client)]
+        server.close()
+        return out
+
+    assert asyncio.run(main()) == [True, False, False, True]
