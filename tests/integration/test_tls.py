@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -488,6 +489,15 @@ def test_a_server_with_an_unloadable_certificate_does_not_start(repo: Path, pki:
         ServerConfig.build(model_repository=repo, tls_cert=pki.server.cert)
     with pytest.raises(InvalidArgument, match="tls_client_ca"):
         ServerConfig.build(model_repository=repo, tls_client_ca=pki.ca)
+
+
+def test_ferry_serve_with_a_bad_key_exits_with_the_reason(repo: Path, pki: PKI) -> None:
+    command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(repo), "--grpc-port", "0"]
+    command += ["--http-port", "-1", "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.client.key)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"is not the key of the certificate {pki.server.cert}" in proc.stderr
+    assert "ferry ready" not in proc.stdout
 
 
 def test_one_warning_when_listening_beyond_loopback_without_tls(repo: Path, caplog: pytest.LogCaptureFixture) -> None:
