@@ -8,7 +8,9 @@ perf_analyzer speaks TLS (``--ssl-grpc-*``), Ferry's load generator does not, so
 The two servers run side by side from one temporary copy of the models (``dynamic_batching { }``) and take turns,
 their order rotating by round; certificates (a CA, an intermediate, the server's chain and, with ``--mtls``, a
 client certificate) are made for the run by ``tests/certs.py``. Each connection's handshake happens once, before
-the measurement windows, so the figures are the steady cost of encryption per call.
+the measurement windows, so the figures are the steady cost of encryption per call. Besides throughput, each run
+reports the server's CPU time per request (its process's CPU over the run ÷ the requests its statistics counted),
+the steadier figure on a shared machine.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import grpc
 import numpy as np
 
 from benchmarks import perf_analyzer
-from benchmarks.bench import Running, Settings, ferry_command, machine, serving
+from benchmarks.bench import Running, Settings, cpu_seconds, ferry_command, machine, serving
 from benchmarks.bench_batching import BATCHED, build_repository
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -64,9 +66,32 @@ def check(server: Running, model: str, credentials: grpc.ChannelCredentials | No
         raise RuntimeError(f"{server.name} answered {model} wrongly: {reply}")
 
 
+def answered(server: Running, model: str, credentials: grpc.ChannelCredentials | None) -> int:
+    """Requests the server has answered for ``model`` (its ModelStatistics), over its own kind of channel."""
+    channel = (
+        grpc.insecure_channel(server.address)
+        if credentials is None
+        else grpc.secure_channel(server.address, credentials)
+    )
+    with channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model), timeout=30
+        )
+    return sum(v.inference_stats.success.count for v in reply.model_stats)
+
+
 def run(
-    server: Running, model: str, mode: str, concurrency: int, settings: Settings, extra: list[str]
+    server: Running,
+    model: str,
+    mode: str,
+    concurrency: int,
+    settings: Settings,
+    extra: list[str],
+    credentials: grpc.ChannelCredentials | None,
 ) -> dict[str, Any]:
+    """One perf_analyzer run; also the server's CPU time per request over the whole run (warm-up included), which
+    a busy machine disturbs less than throughput."""
+    cpu_before, count_before = cpu_seconds(server.pid), answered(server, model, credentials)
     for attempt in range(3):  # a busy machine may call 3 windows unstable: measure again
         try:
             (step,) = perf_analyzer.run(
@@ -82,9 +107,13 @@ def run(
         except RuntimeError as err:
             if "stable measurement" not in str(err) or attempt == 2:
                 raise
+    cpu_after, requests = cpu_seconds(server.pid), answered(server, model, credentials) - count_before
+    cpu_us = float("nan")
+    if cpu_before is not None and cpu_after is not None and requests > 0:
+        cpu_us = (cpu_after - cpu_before) * 1e6 / requests
     print(f"  {server.name:10} {model:4} {mode:6} c={concurrency:<3} {step.infer_per_s:9.1f} infer/s  "
-          f"p50 {step.p50_us:7.0f} µs  p99 {step.p99_us:7.0f} µs", flush=True)  # fmt: skip
-    return {"infer_per_s": step.infer_per_s, "p50_us": step.p50_us, "p99_us": step.p99_us}
+          f"p50 {step.p50_us:7.0f} µs  p99 {step.p99_us:7.0f} µs  cpu {cpu_us:6.0f} µs/req", flush=True)  # fmt: skip
+    return {"infer_per_s": step.infer_per_s, "p50_us": step.p50_us, "p99_us": step.p99_us, "cpu_us": cpu_us}
 
 
 def measure(
@@ -112,18 +141,21 @@ def measure(
             check(plain, model, None)
             check(tls, model, credentials)
         extra = {"plaintext": [], "tls": tls_flags(pki, mtls)}
+        creds = {"plaintext": None, "tls": credentials}
         for model, mode, concurrency in cases:
             servers = [plain, tls]
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
             for r in range(settings.rounds):
                 for server in servers[r % 2 :] + servers[: r % 2]:
-                    runs[server.name].append(run(server, model, mode, concurrency, settings, extra[server.name]))
+                    name = server.name
+                    runs[name].append(run(server, model, mode, concurrency, settings, extra[name], creds[name]))
             case: dict[str, Any] = {
-                name: {k: statistics.fmean(x[k] for x in rs) for k in ("infer_per_s", "p50_us", "p99_us")}
+                name: {k: statistics.fmean(x[k] for x in rs) for k in ("infer_per_s", "p50_us", "p99_us", "cpu_us")}
                 for name, rs in runs.items()
             }
             ratios = [t["infer_per_s"] / p["infer_per_s"] for t, p in zip(runs["tls"], runs["plaintext"], strict=True)]
             case["ratio"] = case["tls"]["infer_per_s"] / case["plaintext"]["infer_per_s"]
+            case["cpu_ratio"] = case["tls"]["cpu_us"] / case["plaintext"]["cpu_us"]
             case["ratio_per_round"] = ratios
             out[f"{model}-{mode}-{concurrency}"] = case
     return out
@@ -138,14 +170,16 @@ def render(results: dict[str, Any]) -> str:
         f"{s['measurement_ms']} ms x {s['trials']}, {s['rounds']} round(s), the two servers taking turns; transport "
         f"`{results['transport']}`{', mTLS' if results['mtls'] else ''}.",
         "",
-        "| case | plaintext req/s | TLS req/s | TLS ÷ plaintext | per round | p50 µs plaintext / TLS |",
-        "|---|---:|---:|---:|---|---|",
+        "| case | plaintext req/s | TLS req/s | TLS ÷ plaintext | per round | CPU µs/req plaintext / TLS "
+        "| CPU TLS ÷ plaintext | p50 µs plaintext / TLS |",
+        "|---|---:|---:|---:|---|---|---:|---|",
     ]
     for key, c in results["runs"].items():
         per_round = ", ".join(f"{r:.2f}" for r in c["ratio_per_round"])
         lines.append(
             f"| {key} | {c['plaintext']['infer_per_s']:,.0f} | {c['tls']['infer_per_s']:,.0f} | **{c['ratio']:.2f}** "
-            f"| {per_round} | {c['plaintext']['p50_us']:,.0f} / {c['tls']['p50_us']:,.0f} |"
+            f"| {per_round} | {c['plaintext']['cpu_us']:,.0f} / {c['tls']['cpu_us']:,.0f} | {c['cpu_ratio']:.2f} "
+            f"| {c['plaintext']['p50_us']:,.0f} / {c['tls']['p50_us']:,.0f} |"
         )
     return "\n".join(lines)
 
