@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -262,31 +264,79 @@ def _certificates_load(path: Path) -> bool:
     return True
 
 
-def certificate_auth_context(info: dict[str, object], der: bytes) -> AuthContext:
-    """A verified peer certificate as gRPC's auth_context properties (grpc-core's names): its subject CN, every
-    DNS, URI, email and IP subject alternative name, and the certificate in PEM. ``info`` is
-    ``SSLObject.getpeercert()``'s dict, ``der`` its ``binary_form=True``."""
+def certificate_auth_context(info: dict[str, Any], der: bytes) -> AuthContext:
+    """A verified peer certificate as gRPC's auth_context properties, with grpc-core's names and value forms: the
+    subject (RFC 2253) and its CN, every DNS, URI, email and IP subject alternative name (together, and each kind as
+    ``peer_dns`` / ``peer_uri`` / ``peer_email`` / ``peer_ip``), a SPIFFE ID when the one URI SAN is one, and the
+    certificate in PEM. ``info`` is ``SSLObject.getpeercert()``'s dict, ``der`` its ``binary_form=True``."""
     out: AuthContext = {}
-    subject = info.get("subject", ())
-    names = [value for rdn in subject for key, value in rdn if key == "commonName"]  # type: ignore[attr-defined]
+    subject: tuple[tuple[tuple[str, str], ...], ...] = info.get("subject", ())
+    if subject:
+        out["x509_subject"] = [_rfc2253(subject).encode()]
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
     if names:
         out["x509_common_name"] = [names[-1].encode()]
-    sans = [str(v).encode() for kind, v in info.get("subjectAltName", ()) if kind in _SAN_KINDS]  # type: ignore[attr-defined]
+    out["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode()]
+    sans: list[bytes] = []
+    uris: list[bytes] = []
+    for kind, value in info.get("subjectAltName", ()):
+        key = _PEER_PROPERTY.get(kind)
+        if key is None:
+            continue
+        text = ipaddress.ip_address(value).compressed if kind == "IP Address" else str(value)
+        sans.append(text.encode())
+        out.setdefault(key, []).append(text.encode())
+        if kind == "URI":
+            uris.append(text.encode())
     if sans:
         out["x509_subject_alternative_name"] = sans
-    out["x509_pem_cert"] = [ssl.DER_cert_to_PEM_cert(der).encode()]
+    if len(uris) == 1 and uris[0].lower().startswith(b"spiffe://"):
+        out["peer_spiffe_id"] = uris
     return out
 
 
-_SAN_KINDS = frozenset({"DNS", "URI", "email", "IP Address"})
+_PEER_PROPERTY = {"DNS": "peer_dns", "URI": "peer_uri", "email": "peer_email", "IP Address": "peer_ip"}
+_SHORT = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def _rfc2253(subject: tuple[tuple[tuple[str, str], ...], ...]) -> str:
+    """A subject as OpenSSL prints it with XN_FLAG_RFC2253 (what grpc-core reports): last RDN first."""
+
+    def escape(value: str) -> str:
+        value = "".join("\\" + c if c in ',+"\\<>;' else c for c in value)
+        if value[:1] in ("#", " "):
+            value = "\\" + value
+        return value[:-1] + "\\ " if value.endswith(" ") else value
+
+    return ",".join(
+        "+".join(f"{_SHORT.get(key, key)}={escape(value)}" for key, value in rdn) for rdn in reversed(subject)
+    )
 
 
 def auth_context(ssl_object: ssl.SSLObject | None) -> AuthContext:
-    """A connection's auth_context (contract C1): empty without TLS; ``transport_security_type: [b"ssl"]`` under
-    TLS; with a verified client certificate also its properties (:func:`certificate_auth_context`)."""
+    """A connection's auth_context (contract C1), as grpc.aio gives it: empty without TLS; under TLS
+    ``transport_security_type: [b"ssl"]``, ``security_level``, ``ssl_session_reused``, ``ssl_tls_version``; with a
+    verified client certificate also its properties (:func:`certificate_auth_context`)."""
     if ssl_object is None:
         return {}
-    out: AuthContext = {"transport_security_type": [b"ssl"]}
+    out: AuthContext = {
+        "transport_security_type": [b"ssl"],
+        "security_level": [b"TSI_PRIVACY_AND_INTEGRITY"],
+        "ssl_session_reused": [b"true" if ssl_object.session_reused else b"false"],
+    }
+    version = ssl_object.version()
+    if version:
+        out["ssl_tls_version"] = [version.encode()]
     der = ssl_object.getpeercert(binary_form=True)
     if der:
         info = ssl_object.getpeercert()  # a dict only for a verified certificate (mTLS); {} otherwise

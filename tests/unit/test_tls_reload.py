@@ -71,12 +71,21 @@ def test_sighup_reloads_even_unchanged_files(pki: PKI, tmp_path: Path) -> None:
 
 def test_auth_context_of_a_certificate() -> None:
     info = {
-        "subject": ((("organizationName", "Ferry"),), (("commonName", "ops.internal"),)),
-        "subjectAltName": (("DNS", "ops.internal"), ("URI", "spiffe://x/ops"), ("IP Address", "10.0.0.1"), ("x", "y")),
+        "subject": ((("organizationName", "Ferry, Inc."),), (("commonName", "ops.internal"),)),
+        "subjectAltName": (
+            ("DNS", "ops.internal"),
+            ("URI", "spiffe://x/ops"),
+            ("IP Address", "2001:DB8:0:0:0:0:0:1"),
+            ("DirName", "ignored"),
+        ),
     }
     found = certificate_auth_context(info, b"\x30\x00")
+    assert found["x509_subject"] == [b"CN=ops.internal,O=Ferry\\, Inc."]
     assert found["x509_common_name"] == [b"ops.internal"]
-    assert found["x509_subject_alternative_name"] == [b"ops.internal", b"spiffe://x/ops", b"10.0.0.1"]
+    assert found["x509_subject_alternative_name"] == [b"ops.internal", b"spiffe://x/ops", b"2001:db8::1"]
+    assert found["peer_dns"] == [b"ops.internal"]
+    assert found["peer_ip"] == [b"2001:db8::1"]
+    assert found["peer_spiffe_id"] == found["peer_uri"] == [b"spiffe://x/ops"]
     assert found["x509_pem_cert"][0].startswith(b"-----BEGIN CERTIFICATE-----")
     assert auth_context(None) == {}
 
