@@ -516,11 +516,11 @@ def test_one_warning_when_listening_beyond_loopback_without_tls(repo: Path, capl
 # --- reload -------------------------------------------------------------------------------------------------------
 
 
-def served_serial(address: str, pki: PKI) -> int:
+def served_serial(address: str, pki: PKI, alpn: str = "h2") -> int:
     """The serial of the certificate a new connection is served."""
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=pki.ca)
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols([alpn])
     context.load_cert_chain(pki.client.cert, pki.client.key)
     raw = socket.create_connection((host, int(port)), timeout=30)
     with context.wrap_socket(raw, server_hostname="localhost") as sock:
@@ -637,6 +637,8 @@ def test_changed_files_are_picked_up_without_a_signal(repo: Path, pki: PKI, tmp_
             install(fresh, live)
             wait_for(lambda: served_serial(served.address, pki) == fresh.serial, "the changed files")
             assert infer(kept).shape == (1, 4)  # the connection made before goes on
+        https = f"127.0.0.1:{served.server.http_port}"
+        assert served_serial(https, pki, "http/1.1") == fresh.serial  # the HTTP port's new connections too
         assert served.server.tls is not None and served.server.tls.generation == 2
         with pytest.raises(Unavailable), Client(served.address, retries=0, timeout_s=5) as plain:
             plain.server_live()  # and a plaintext client still gets nothing
