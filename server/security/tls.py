@@ -231,7 +231,10 @@ class CertificateReloader:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.check_interval_s)
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a bug here must not end the watching
+                log.exception("checking the TLS files failed")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
