@@ -63,6 +63,7 @@ bench: models perf-deps
 	$(BIN)/python -m benchmarks.bench_switched --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_shadow --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	$(BIN)/python -m benchmarks.bench_tls --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.kernel_bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 	bash benchmarks/mlserver/setup.sh

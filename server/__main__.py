@@ -75,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
     )
+    s.add_argument(
+        "--http-max-connections", type=int, default=1024, help="HTTP connections open at once (past it: 503, closed)"
+    )
+    s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: TLS on the gRPC and HTTP ports")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it issued (mTLS)")
+    s.add_argument(
+        "--tls-reload-check-s", type=float, default=5.0, help="check the TLS files for changes this often (s)"
+    )
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -121,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace_s,
             use_uvloop=not args.no_uvloop,
             loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
+            http_max_connections=args.http_max_connections,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            tls_reload_check_s=args.tls_reload_check_s,
         )
         run(serve(config), config.use_uvloop)
     except FerryError as err:

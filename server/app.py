@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 from collections.abc import Coroutine, Iterator
@@ -25,7 +26,7 @@ from prometheus_client.core import Metric
 from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.errors import Unavailable
-from ferry.server.api.http import create_http_app
+from ferry.server.api.http import HttpLimits, HttpSite, create_http_app
 from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
 from ferry.server.config import ServerConfig
 from ferry.server.inference.cache import ResultCache
@@ -38,6 +39,7 @@ from ferry.server.observability.outcomes import SERVICE_NAME as OUTCOME_SERVICE
 from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker
 from ferry.server.observability.predlog import PredictionLog, PredictionLogSettings
 from ferry.server.observability.telemetry import Tracing
+from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class FerryServer:
         )
         self.shadows = ShadowRunner(self.repository, self.tracing)  # models' shadow versions (their `shadow`)
         self.loopwatch = LoopWatch(config.loop_lag_warn_s)
+        self.tls: CertificateReloader | None = None  # loaded here: a bad certificate stops the server before it binds
+        if config.tls_cert is not None and config.tls_key is not None:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            self.tls = CertificateReloader(files, config.tls_reload_check_s)
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -111,6 +117,10 @@ class FerryServer:
         self.metrics.extras.append(self.shadows.metric_families)
         self.metrics.extras.append(self.loopwatch.metric_families)
         self._registry = registry_for(self.metrics)
+        if self.tls is not None:
+            self.tls.start()
+        elif not _loopback(self.config.host):
+            log.warning("listening on %s without TLS: calls and models travel in plaintext", self.config.host)
         if self.config.transport == "ferry":
             await self._start_ferry_transport(servicer)
         else:
@@ -142,7 +152,8 @@ class FerryServer:
         self._transport = Transport(services, limits)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
-            self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port)
+            tls = self.tls.listener_context(GRPC_ALPN) if self.tls is not None else None
+            self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port, tls)
         except OSError as err:
             raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
 
@@ -155,12 +166,17 @@ class FerryServer:
                 # soft == hard: no random early drops below the bound (see ServerConfig.max_pending_calls)
                 ("grpc.server.max_pending_requests", pending),
                 ("grpc.server.max_pending_requests_hard_limit", pending),
+                # a TLS handshake (or a plaintext connection's HTTP/2 setup) not done by then is closed
+                ("grpc.server_handshake_timeout_ms", int(Limits().tls_handshake_timeout_s * 1000)),
             ]
         )
         self._register(servicer, server)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if self.tls is not None:
+                self.grpc_port = server.add_secure_port(address, self.tls.grpc_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as err:
             raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
         if self.grpc_port == 0:
@@ -168,19 +184,26 @@ class FerryServer:
         await server.start()
 
     async def _start_http(self, port: int) -> None:
-        app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry))
-        runner = web.AppRunner(app, access_log=None)
+        limits = HttpLimits(
+            max_body_bytes=self.config.max_message_bytes, max_connections=self.config.http_max_connections
+        )
+        app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry), limits)
+        runner = web.AppRunner(app, access_log=None, **limits.runner_options())
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, port)
+        tls = self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None
+        site = HttpSite(runner, self.config.host, port, limits, tls)
         try:
             await site.start()
         except OSError as err:
             await runner.cleanup()
             raise Unavailable(f"cannot bind HTTP to {self.config.host}:{port}: {err}") from None
         self._http_runner = runner
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.http_port = sockets[0].getsockname()[1] if sockets else port
+        self.http_port = site.port
+
+    def reload(self, reason: str = "SIGHUP") -> None:
+        """Reload what can change without a restart (SIGHUP): the TLS certificate and key, for new connections."""
+        if self.tls is not None:
+            self.tls.reload(reason)
 
     async def update_health(self) -> None:
         """Publish readiness to the health service: "" and the inference service, and one entry per model."""
@@ -209,6 +232,8 @@ class FerryServer:
         await self.shadows.close()
         await self.repository.close()
         self.tracing.shutdown()
+        if self.tls is not None:
+            await self.tls.stop()
         if self.monitoring.predlog is not None:
             await asyncio.to_thread(self.monitoring.predlog.close)
         self.loopwatch.stop()
@@ -231,6 +256,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload)
     try:
         await server.start()
         print(server.ready_line(), flush=True)
@@ -238,6 +264,16 @@ async def serve(config: ServerConfig) -> None:
         log.info("stopping: draining in-flight calls for up to %.1fs", config.shutdown_grace_s)
     finally:
         await server.stop()
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def run(main: Coroutine[Any, Any, T], use_uvloop: bool) -> T:

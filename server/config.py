@@ -102,6 +102,23 @@ class ServerConfig:
     """Log a WARNING (at most one per few seconds) when the event loop runs a timer this late: a stall every
     connection felt. The lag itself is always exported as ``ferry_event_loop_lag_seconds``."""
 
+    http_max_connections: int = 1024
+    """Connections the HTTP port holds open at once; one more is answered 503 and closed."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain (the server's certificate first, then any intermediates): with ``tls_key``, both ports
+    speak TLS only. None: plaintext."""
+
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert``."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA certificate(s): both ports then require a client certificate that chains to one of them (mTLS)."""
+
+    tls_reload_check_s: float = 5.0
+    """How often the TLS files are checked for a change (inode, size, mtime); a change, like SIGHUP, reloads them
+    for new connections."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +158,14 @@ class ServerConfig:
             raise InvalidArgument(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if not self.loop_lag_warn_s > 0:  # NaN fails too
             raise InvalidArgument(f"loop_lag_warn_s must be > 0, got {self.loop_lag_warn_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key")
+        if not 0.1 <= self.tls_reload_check_s <= 86_400:  # NaN fails too
+            raise InvalidArgument(f"tls_reload_check_s must be in 0.1..86400, got {self.tls_reload_check_s}")
+        if not (1 <= self.http_max_connections <= 1_000_000):
+            raise InvalidArgument(f"http_max_connections must be in 1..1000000, got {self.http_max_connections}")
         if not self.model_repository.is_dir():
             raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -150,6 +175,7 @@ class ServerConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = {k: v for k, v in values.items() if k not in known}
         given = {k: v for k, v in values.items() if k in known}
-        if "model_repository" in given:
-            given["model_repository"] = Path(os.fspath(given["model_repository"]))
+        for name in ("model_repository", "tls_cert", "tls_key", "tls_client_ca"):
+            if given.get(name) is not None:
+                given[name] = Path(os.fspath(given[name]))
         return cls(**given, extra=unknown)

@@ -26,7 +26,16 @@ from ferry.server.observability.telemetry import NO_TRACING, Tracing
 class BackgroundServer:
     """A FerryServer running on its own event loop thread; ``call`` runs a coroutine there."""
 
-    def __init__(self, repository: Path, tracing: Tracing | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        tracing: Tracing | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        **overrides: Any,
+    ) -> None:
+        """``credentials``: what a client needs to reach it, for a server with TLS (readiness is asked over it)."""
+        self.credentials = credentials
         settings: dict[str, Any] = {"grpc_port": 0, "http_port": 0, "shutdown_grace_s": 1.0, **overrides}
         self.config = ServerConfig.build(model_repository=repository, **settings)
         self.loop = asyncio.new_event_loop()
@@ -44,7 +53,7 @@ class BackgroundServer:
     def start(self) -> None:
         self.call(self.server.start())
         if self.server.is_ready():  # a strict-readiness server with a broken model is up but not ready
-            wait_serving(self.address)
+            wait_serving(self.address, credentials=self.credentials)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -54,11 +63,13 @@ class BackgroundServer:
         self.loop.close()
 
 
-def wait_serving(address: str, timeout_s: float = 30) -> None:
+def wait_serving(address: str, timeout_s: float = 30, credentials: grpc.ChannelCredentials | None = None) -> None:
     """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process opens its
-    port before its models have loaded, so NOT_SERVING is asked again until ``timeout_s``."""
+    port before its models have loaded, so NOT_SERVING is asked again until ``timeout_s``. ``credentials``: for a
+    server with TLS."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    channel_of = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    with channel_of as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             left = max(deadline - time.monotonic(), 0.1)
@@ -80,8 +91,15 @@ class FerryProcess:
     """``ferry serve ARGS`` in a subprocess, gRPC on a free port of 127.0.0.1 and HTTP off, for what only a process
     shows (RSS, CPU, signals); :meth:`start` returns once it is SERVING, :meth:`stop` sends SIGTERM (then kills)."""
 
-    def __init__(self, repository: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *args: str,
+        log: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.repository = repository
+        self.credentials = credentials  # for a server with TLS
         self.args = args
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,7 +119,7 @@ class FerryProcess:
             err = files.enter_context(self.log.open("ab")) if self.log is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            wait_serving(self.address, timeout_s=60)
+            wait_serving(self.address, timeout_s=60, credentials=self.credentials)
         except BaseException:
             self.stop()
             raise
@@ -142,9 +160,13 @@ def running_server(model_repository: Path, **overrides: Any) -> Iterator[str]:
 
 @contextlib.contextmanager
 def background_server(
-    model_repository: Path, tracing: Tracing | None = None, **overrides: Any
+    model_repository: Path,
+    tracing: Tracing | None = None,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    **overrides: Any,
 ) -> Iterator[BackgroundServer]:
-    server = BackgroundServer(model_repository, tracing, **overrides)
+    server = BackgroundServer(model_repository, tracing, credentials=credentials, **overrides)
     try:
         server.start()
         yield server

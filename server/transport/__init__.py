@@ -58,7 +58,13 @@ HTTP/2 as a server must speak it, and the limits that keep one client from hurti
 - shutdown (:meth:`Transport.stop`): no new connections, GOAWAY on each (streams the client opens later are
   refused), in-flight calls get the grace period, then are cancelled and the connections closed.
 
-Not spoken: TLS (Ferry serves plaintext gRPC on a trusted network, as with grpcio), server push, HTTP/1.1.
+- TLS (``Transport.start(..., tls=context)``, the context from :mod:`ferry.server.security.tls`, which also reloads
+  it): asyncio's TLS, TLS 1.2 at least; a handshake not completed within ``tls_handshake_timeout_s`` is closed, and so
+  is a connection that did not choose ``h2`` by ALPN (RFC 9113 §3.2); ``context.auth_context()`` gives grpc.aio's
+  properties of the connection (``transport_security_type`` and the client certificate's ``x509_*``), empty in
+  plaintext. A plaintext connection pays nothing for it (one flag read when it opens).
+
+Not spoken: server push, HTTP/1.1.
 """
 
 from ferry.server.transport.calls import Context, Services

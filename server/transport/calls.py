@@ -200,6 +200,11 @@ class Context:
     def peer(self) -> str:
         return self._conn.peer
 
+    def auth_context(self) -> dict[str, list[bytes]]:
+        """grpc.aio's: under TLS ``transport_security_type`` and, with a verified client certificate, its
+        ``x509_*`` properties; empty without TLS. Shared by the connection's calls: do not modify."""
+        return self._conn.auth_context()
+
     def cancelled(self) -> bool:
         return self._stream.closed and self._stream.task is not None and self._stream.task.cancelled()
 

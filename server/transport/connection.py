@@ -14,12 +14,14 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import ssl
 import time
 import zlib
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
+from ferry.server.security.tls import AuthContext, auth_context
 from ferry.server.transport.calls import Aborted, Context, Handler, Requests
 from ferry.server.transport.headers import request_problem, trailers_problem
 from ferry.server.transport.http2 import (
@@ -94,6 +96,8 @@ class Connection(Output, asyncio.Protocol):
         self.deferred = False  # frames left over from a turn wait for the next
         self.reads_paused = False
         self.top_credit = 0  # the most credit any stream was given: a bound on every stream's
+        self.ssl_object: ssl.SSLObject | None = None  # under TLS: the connection's, once its handshake completed
+        self._auth: AuthContext | None = None
 
     # --- connection ------------------------------------------------------------------------------------------------
 
@@ -104,6 +108,13 @@ class Connection(Output, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"ipv4:{peer[0]}:{peer[1]}"
+        if self.server.tls:  # the handshake completed (asyncio calls this after it); HTTP/2 needs ALPN h2
+            self.ssl_object = transport.get_extra_info("ssl_object")
+            alpn = self.ssl_object.selected_alpn_protocol() if self.ssl_object is not None else None
+            if alpn != "h2":
+                log.info("closing TLS connection from %s: ALPN chose %r, not h2", self.peer, alpn)
+                self.transport.close()
+                return
         self.server.connections.add(self)
         ours = (
             SETTING.pack(HEADER_TABLE_SIZE, 0)
@@ -119,6 +130,12 @@ class Connection(Output, asyncio.Protocol):
     def _no_preface(self) -> None:
         if not self.started and self.transport is not None:
             self.transport.close()
+
+    def auth_context(self) -> AuthContext:
+        """gRPC's auth_context of this connection (:func:`ferry.server.security.tls.auth_context`), made once."""
+        if self._auth is None:
+            self._auth = auth_context(self.ssl_object)
+        return self._auth
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -14,6 +14,7 @@ Why each default (grpc-core's and grpc-go's defences against the HTTP/2 attack c
 - ``resets_per_s`` / ``reset_burst``, 200/s and 1,000: every RST_STREAM a client sends, for a stream open or already
   answered (rapid reset, CVE-2023-44487).
 - ``write_high_water_bytes``, 4 MiB: output a client has not read; past it the connection is not read further.
+- ``preface_timeout_s`` / ``tls_handshake_timeout_s``, 10 s: a connection that says nothing useful is closed.
 - ``turn_budget_s``, 2 ms: frames one connection may have processed in one event-loop turn before the others get
   theirs (a read of 256 KiB of tiny frames would otherwise hold the loop for tens of milliseconds).
 """
@@ -57,6 +58,9 @@ class Limits:
     """Frame processing one connection gets per event-loop turn."""
     preface_timeout_s: float = 10.0
     """A connection that has not sent the HTTP/2 preface by then is closed."""
+    tls_handshake_timeout_s: float = 10.0
+    """Under TLS, a connection whose handshake has not completed by then is closed (a client that stalls mid-
+    handshake holds a socket and an ``SSLObject`` but reaches nothing else; the same bound as the preface)."""
 
     def __post_init__(self) -> None:
         for name in self.__slots__:

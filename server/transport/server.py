@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 
 import grpc
 
@@ -20,14 +21,25 @@ class Transport:
         self.services = services
         self.limits = limits or Limits()
         self.connections: set[Connection] = set()
+        self.tls = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken.
+        With ``tls`` (a server context offering ALPN ``h2``), connections are TLS: a handshake that has not
+        completed within ``limits.tls_handshake_timeout_s`` is closed, and a connection that did not choose ``h2``
+        by ALPN is closed."""
         loop = asyncio.get_running_loop()
+        self.tls = tls is not None
         self._server = await loop.create_server(
-            lambda: Connection(self), host.strip("[]"), port, reuse_address=True, backlog=1024
+            lambda: Connection(self),
+            host.strip("[]"),
+            port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=tls,
+            ssl_handshake_timeout=self.limits.tls_handshake_timeout_s if tls is not None else None,
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -1,8 +1,9 @@
 """The rooms of ``ferry.server`` import one way (docs/architecture.md): transport → api → inference → models →
-kernels, with ``observability`` and ``config`` leaves any room may call. A module may import its own room, a room
-below it, or a leaf; a leaf imports only leaves. Imports under ``if TYPE_CHECKING:`` count too: a type names the
-room it comes from. The composition root (``app``, ``__main__``) may import anything. The client SDK imports no server
-code (but its offline generator, which completes a model's config with the server's own reader)."""
+kernels, with ``observability``, ``config`` and ``security`` leaves any room may call. A module may import its own
+room, a room below it, or a leaf; a leaf imports only leaves. Imports under ``if TYPE_CHECKING:`` count too: a type
+names the room it comes from. The composition root (``app``, ``__main__``) may import anything. The client SDK
+imports no server code (but its offline generator, which completes a model's config with the server's own
+reader)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ("transport", "api", "inference", "models")  # each may import the rooms after it
-LEAVES = ("observability", "config")
+LEAVES = ("observability", "config", "security")  # security: TLS (transport, api), auth and audit
 TOP = ("app", "__main__", "__init__")
 
 KNOWN = {
