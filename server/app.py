@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -37,6 +37,9 @@ from ferry.server.observability.outcomes import SERVICE_NAME as OUTCOME_SERVICE
 from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker
 from ferry.server.observability.predlog import PredictionLog, PredictionLogSettings
 from ferry.server.observability.telemetry import Tracing
+from ferry.server.security.audit import AuditLog
+from ferry.server.security.guard import Guard
+from ferry.server.security.guard import metric_families as security_metric_families
 from ferry.server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,22 @@ class FerryServer:
         self.monitoring = Monitoring(
             PredictionLog.from_settings(log_settings), OutcomeTracker(config.outcome_window, max_pending=100_000)
         )
+        self.audit = (
+            AuditLog(config.audit_log_path, config.audit_log_max_bytes, config.audit_log_backups)
+            if config.audit_log_path is not None
+            else None
+        )
+        self.guard = Guard.from_config(config, self.audit)  # None: no auth, nothing wrapped
+        self.reloaders: list[Callable[[], Awaitable[object]]] = []
+        """Called, in order, on SIGHUP (:meth:`reload`): the auth rules, the TLS certificates."""
+        if self.guard is not None:
+            self.reloaders.append(self.guard.reload)
         self.repository = ModelRepository(
-            config, on_close=self.cache.drop_version, tracing=self.tracing, monitoring=self.monitoring
+            config,
+            on_close=self.cache.drop_version,
+            tracing=self.tracing,
+            monitoring=self.monitoring,
+            visible=self.guard.visible if self.guard is not None else None,
         )
         self.loopwatch = LoopWatch(config.loop_lag_warn_s)
         self.grpc_port = 0
@@ -105,19 +122,25 @@ class FerryServer:
         self.metrics = FerryCollector(self.repository, self.cache, lambda: servicer.in_flight)
         self.metrics.extras.append(self._monitoring_metrics)
         self.metrics.extras.append(self.loopwatch.metric_families)
+        self.metrics.extras.append(lambda: security_metric_families(self.guard, self.audit))
         self._registry = registry_for(self.metrics)
         if self.config.transport == "ferry":
             await self._start_ferry_transport(servicer)
         else:
             await self._start_grpcio(servicer)
         await self.update_health()  # NOT_SERVING while models load
+        if self.guard is not None:
+            self.guard.start()  # watches the auth file
         if self.config.http_port is not None:
             await self._start_http(self.config.http_port)
         await asyncio.to_thread(self.repository.load_all)
         await self.update_health()
 
     def _register(self, servicer: InferenceServicer, server: Any) -> None:
-        """Every gRPC service Ferry serves, on either transport (both take generated code's registrations)."""
+        """Every gRPC service Ferry serves, on either transport (both take generated code's registrations). With
+        auth on, every method is registered guarded (:meth:`Guard.registrar`); without it, as it is."""
+        if self.guard is not None:
+            server = self.guard.registrar(server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
@@ -202,10 +225,22 @@ class FerryServer:
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.repository.close()
+        if self.guard is not None:
+            await self.guard.stop()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
         self.tracing.shutdown()
         if self.monitoring.predlog is not None:
             await asyncio.to_thread(self.monitoring.predlog.close)
         self.loopwatch.stop()
+
+    async def reload(self) -> None:
+        """SIGHUP: run every reloader; one that fails is logged and the others still run."""
+        for reloader in list(self.reloaders):
+            try:
+                await reloader()
+            except Exception:
+                log.exception("reload failed: %r", reloader)
 
     def _monitoring_metrics(self) -> Iterator[Metric]:
         monitors = [mv.monitor for m in self.repository.models() for mv in m.versions.values() if mv.monitor]
@@ -225,6 +260,14 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await server.start()
         print(server.ready_line(), flush=True)

@@ -102,6 +102,32 @@ class ServerConfig:
     """Log a WARNING (at most one per few seconds) when the event loop runs a timer this late: a stall every
     connection felt. The lag itself is always exported as ``ferry_event_loop_lag_seconds``."""
 
+    auth_config_path: Path | None = None
+    """The auth file (YAML or JSON: identities, scopes, model allow-lists, rates; see server/security/auth.py);
+    None = no authentication (unless the restricted-protocol flags ask for some)."""
+
+    auth_poll_s: float = 2.0
+    """How often the auth file is looked at for changes (it is also reloaded on SIGHUP)."""
+
+    grpc_restricted_protocol: tuple[str, ...] = ()
+    """Triton's ``--grpc-restricted-protocol`` values, ``<group>[,<group>...]:<key>=<value>``: those API groups need
+    the header ``triton-grpc-protocol-<key>: <value>``."""
+
+    http_restricted_api: tuple[str, ...] = ()
+    """Triton's ``--http-restricted-api`` values: as above with the header ``<key>: <value>``."""
+
+    audit_log_path: Path | None = None
+    """JSON Lines file of security events (refusals, state changes, sampled inference calls); None = off."""
+
+    audit_log_max_bytes: int = 64 * 1024 * 1024
+    """Rotate the audit log before it passes this size (0 = never)."""
+
+    audit_log_backups: int = 5
+    """Rotated audit logs kept."""
+
+    audit_sample_rate: float = 0.0
+    """Fraction of allowed inference calls written to the audit log, in [0, 1]."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -141,6 +167,14 @@ class ServerConfig:
             raise InvalidArgument(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if not self.loop_lag_warn_s > 0:  # NaN fails too
             raise InvalidArgument(f"loop_lag_warn_s must be > 0, got {self.loop_lag_warn_s}")
+        if not 0.0 <= self.audit_sample_rate <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"audit_sample_rate must be in [0, 1], got {self.audit_sample_rate}")
+        if not self.auth_poll_s > 0:
+            raise InvalidArgument(f"auth_poll_s must be > 0, got {self.auth_poll_s}")
+        if self.audit_log_max_bytes < 0:
+            raise InvalidArgument(f"audit_log_max_bytes must be >= 0, got {self.audit_log_max_bytes}")
+        if not 0 <= self.audit_log_backups <= 1000:
+            raise InvalidArgument(f"audit_log_backups must be in 0..1000, got {self.audit_log_backups}")
         if not self.model_repository.is_dir():
             raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -152,4 +186,9 @@ class ServerConfig:
         given = {k: v for k, v in values.items() if k in known}
         if "model_repository" in given:
             given["model_repository"] = Path(os.fspath(given["model_repository"]))
+        for key in ("grpc_restricted_protocol", "http_restricted_api"):
+            if given.get(key) is not None:
+                given[key] = tuple(given[key])
+            else:
+                given.pop(key, None)
         return cls(**given, extra=unknown)

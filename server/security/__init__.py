@@ -1,0 +1,1 @@
+"""Security: TLS (tls), identities and permissions (auth), the audit log (audit)."""
