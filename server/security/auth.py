@@ -334,6 +334,15 @@ def parse_policy(data: Any, source: str = "auth config", restrictions: Sequence[
 def _identity(spec: Any, where: str, anonymous: bool = False) -> Identity:
     if not isinstance(spec, dict):
         raise InvalidArgument(f"{where}: expected a mapping")
+    name = "anonymous"
+    if not anonymous:
+        given = spec.get("name")
+        if not isinstance(given, str) or not given.strip():
+            raise InvalidArgument(f"{where}.name: a non-empty string is required")
+        name = given
+        if name == "anonymous" or name.startswith("triton:"):
+            raise InvalidArgument(f"{where}.name: {name!r} is reserved")
+        where = f"{where} ({name})"
     scopes = _strings(spec.get("scopes", []), f"{where}.scopes")
     if unknown := [s for s in scopes if s not in SCOPES]:
         raise InvalidArgument(f"{where}.scopes: unknown scopes {unknown} (scopes: {', '.join(SCOPES)})")
@@ -346,12 +355,6 @@ def _identity(spec: Any, where: str, anonymous: bool = False) -> Identity:
             if key in spec:
                 raise InvalidArgument(f"{where}.{key}: the anonymous identity has no credential")
         return Identity("anonymous", frozenset(scopes), models, rate, anonymous=True)
-    name = spec.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidArgument(f"{where}.name: a non-empty string is required")
-    if name == "anonymous" or name.startswith("triton:"):
-        raise InvalidArgument(f"{where}.name: {name!r} is reserved")
-    where = f"{where} ({name})"
     token, certificate = spec.get("token_sha256"), spec.get("certificate")
     if (token is None) == (certificate is None):
         raise InvalidArgument(f"{where}: exactly one of token_sha256 and certificate is required")

@@ -457,3 +457,100 @@ def test_guard_class_is_what_wraps(server: BackgroundServer) -> None:
     assert isinstance(guard, Guard)
     assert set(guard.methods) == set(METHOD_SCOPES)
     assert None not in guard.methods.values()
+
+
+# --- bytes no client library would send ---------------------------------------------------------------------
+
+
+def test_non_ascii_authorization_bytes_are_refused_and_the_server_keeps_serving(
+    server: BackgroundServer, channel: grpc.Channel
+) -> None:
+    from ferry.server.transport.http2 import ACK, PING, frame
+    from tests.rawh2 import RawConn, grpc_message
+
+    class Answering(RawConn):
+        """grpc-core pings its peers (BDP probes): answer them."""
+
+        def _dispatch(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+            if kind == PING and not flags & ACK:
+                self.send(frame(PING, ACK, 0, payload))
+                return
+            super()._dispatch(kind, flags, sid, payload)
+
+    body = grpc_message(pb.ServerMetadataRequest().SerializeToString())
+    path = b"/inference.GRPCInferenceService/ServerMetadata"
+    with Answering(server.address) as raw:
+        sid = raw.call(path, body, (b"authorization", b"Bearer \xff\xfe\x80token"))
+        reply = raw.finish(sid)
+        assert reply.status == grpc.StatusCode.UNAUTHENTICATED.value[0], reply
+        # Ferry's transport hands the value on as latin-1 text, grpc.aio as the raw bytes it could not decode
+        assert "not printable ASCII" in reply.message or "not text" in reply.message, reply.message
+    ok = call(channel, "/inference.GRPCInferenceService/ServerMetadata", "", TOKENS["admin"])
+    assert ok.code == grpc.StatusCode.OK
+
+
+def test_audit_samples_allowed_inference(example_repo: Path, tmp_path: Path) -> None:
+    """--audit-log alone (no auth file): everyone is anonymous with every scope; allowed inference calls are
+    audited at the sample rate (1: all), state changes always."""
+    repo = repository(example_repo, tmp_path / "models")
+    log = tmp_path / "audit.jsonl"
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    with (
+        background_server(repo, audit_log_path=log, audit_sample_rate=1.0) as running,
+        grpc.insecure_channel(running.address) as ch,
+    ):
+        for _ in range(3):
+            assert call(ch, infer, VISIBLE, None).code == grpc.StatusCode.OK
+        assert call(ch, infer, UNKNOWN, None).code == grpc.StatusCode.NOT_FOUND
+    entries = [json.loads(x) for x in log.read_text().splitlines()]  # stopping the server flushed the log
+    reads = [e for e in entries if e["event"] == "sensitive_read"]
+    assert [e["code"] for e in reads] == ["OK", "OK", "OK", "NOT_FOUND"]
+    assert all(e["identity"] == "anonymous" and e["request_id"] == "r-1" for e in reads)
+    assert reads[0]["model"] == VISIBLE and reads[3]["model"] == UNKNOWN
+
+
+@pytest.mark.parametrize("transport", ["ferry", "grpcio"])
+def test_triton_restricted_protocol(example_repo: Path, tmp_path: Path, transport: str) -> None:
+    """Triton's flags without an auth file: the restricted groups need the header, the others stay open."""
+    repo = repository(example_repo, tmp_path / "models")
+    restricted = ("model-repository,statistics:admin-key=s3cret",)
+    with (
+        background_server(repo, transport=transport, grpc_restricted_protocol=restricted) as running,
+        grpc.insecure_channel(running.address) as ch,
+    ):
+        index = "/inference.GRPCInferenceService/RepositoryIndex"
+        infer = "/inference.GRPCInferenceService/ModelInfer"
+        assert call(ch, infer, VISIBLE, None).code == grpc.StatusCode.OK  # not restricted
+        assert call(ch, index, "", None).code == grpc.StatusCode.UNAUTHENTICATED
+        rpc = ch.unary_unary(index, request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+                             response_deserializer=pb.RepositoryIndexResponse.FromString)  # fmt: skip
+        header = "triton-grpc-protocol-admin-key"
+        reply = rpc(pb.RepositoryIndexRequest(), metadata=[(header, "s3cret")], timeout=20)
+        assert {m.name for m in reply.models} == {VISIBLE, HIDDEN}
+        with pytest.raises(grpc.RpcError) as err:
+            rpc(pb.RepositoryIndexRequest(), metadata=[(header, "wrong")], timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "s3cret" not in (err.value.details() or "")
+
+
+def test_sighup_reloads_the_auth_file(example_repo: Path, tmp_path: Path) -> None:
+    """``ferry serve``: SIGHUP reloads the file at once (the file watcher would too, later)."""
+    import signal
+
+    from tests.serving import ferry_serve, grpc_address
+
+    repo = repository(example_repo, tmp_path / "models")
+    auth = tmp_path / "auth.yaml"
+    auth.write_text("anonymous: {scopes: [health]}\n")
+    with ferry_serve("--model-repository", str(repo), "--grpc-port", "0", "--http-port", "-1",
+                     "--auth-config", str(auth)) as (proc, ready):  # fmt: skip
+        address = grpc_address(ready)
+        with grpc.insecure_channel(address) as ch:
+            method = "/inference.GRPCInferenceService/ServerMetadata"
+            assert call(ch, method, "", "new-token").code == grpc.StatusCode.UNAUTHENTICATED
+            auth.write_text(
+                "identities:\n  - name: newcomer\n"
+                f"    token_sha256: {hash_token('new-token')}\n    scopes: [metadata]\n"
+            )
+            proc.send_signal(signal.SIGHUP)
+            assert wait_for(lambda: call(ch, method, "", "new-token").code == grpc.StatusCode.OK)
