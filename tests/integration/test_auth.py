@@ -554,3 +554,25 @@ def test_sighup_reloads_the_auth_file(example_repo: Path, tmp_path: Path) -> Non
             )
             proc.send_signal(signal.SIGHUP)
             assert wait_for(lambda: call(ch, method, "", "new-token").code == grpc.StatusCode.OK)
+
+
+def test_clients_send_their_token(server: BackgroundServer) -> None:
+    """Ferry's SDK and tritonclient, as the README shows them."""
+    import tritonclient.grpc as triton
+
+    from ferry.client import Client
+
+    x = np.zeros((1, 16), np.float32)
+    with Client(server.address, metadata=[("authorization", f"Bearer {TOKENS['narrow']}")], retries=0) as client:
+        assert client.infer(VISIBLE, {"input": x})  # answered
+        with pytest.raises(Exception, match="unknown model 'secret'"):
+            client.infer(HIDDEN, {"input": x})
+    triton_client = triton.InferenceServerClient(server.address)
+    headers = {"authorization": f"Bearer {TOKENS['admin']}"}
+    assert triton_client.is_server_live(headers=headers)
+    assert {m["name"] for m in triton_client.get_model_repository_index(headers=headers, as_json=True)["models"]} == {
+        VISIBLE,
+        HIDDEN,
+    }
+    with pytest.raises(Exception, match="needs a credential"):
+        triton_client.get_model_repository_index()
