@@ -576,3 +576,20 @@ def test_clients_send_their_token(server: BackgroundServer) -> None:
     }
     with pytest.raises(Exception, match="needs a credential"):
         triton_client.get_model_repository_index()
+
+
+@pytest.mark.parametrize("client", ["wire", "grpcio"])
+def test_the_load_generator_sends_metadata(server: BackgroundServer, tmp_path: Path, client: str) -> None:
+    """``ferry loadtest --metadata``: with the token every call is answered (unary and stream), without it the
+    generator is refused before any load."""
+    from ferry.loadtest import cli
+
+    common = ["--target", server.address, "--model", VISIBLE, "--duration", "0.5", "--warmup", "0.2",
+              "--progress", "plain", "--concurrency", "2", "--processes", "1", "--client", client]  # fmt: skip
+    token = ["--metadata", f"authorization=Bearer {TOKENS['admin']}"]
+    for mode in ("unary", "stream"):
+        out = tmp_path / mode
+        assert cli.main([*common, "--out", str(out), "--mode", mode, *token]) == 0
+        (step,) = json.loads((out / "report.json").read_text())["steps"]
+        assert step["ok"] > 0 and step["errors"] == {}
+    assert cli.main([*common, "--out", str(tmp_path / "none")]) != 0
