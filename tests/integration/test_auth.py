@@ -29,7 +29,7 @@ from ferry.server.security.guard import Guard
 from tests.integration.test_rpcs import request_for
 from tests.serving import BackgroundServer, background_server
 
-TOKENS = {"admin": "admin-token", "narrow": "narrow-token", "limited": "limited-token"}
+TOKENS = {"admin": "admin-token", "narrow": "narrow-token", "limited": "limited-token", "paced": "paced-token"}
 TOKENS.update({f"no-{scope}": f"no-{scope}-token" for scope in SCOPES})
 WRONG = "not-a-token"
 VISIBLE, HIDDEN, UNKNOWN = "tiny", "secret", "nosuch"
@@ -49,6 +49,15 @@ def policy() -> dict[str, Any]:
             "rate": {"per_second": 0.5, "burst": 3},
         },
     ]
+    identities.append(
+        {
+            "name": "paced",
+            "token_sha256": hash_token(TOKENS["paced"]),
+            "scopes": ["inference"],
+            "models": ["*"],
+            "rate": {"per_second": 5, "burst": 1},
+        }
+    )
     for scope in SCOPES:
         others = [s for s in SCOPES if s != scope]
         identities.append(
@@ -593,3 +602,19 @@ def test_the_load_generator_sends_metadata(server: BackgroundServer, tmp_path: P
         (step,) = json.loads((out / "report.json").read_text())["steps"]
         assert step["ok"] > 0 and step["errors"] == {}
     assert cli.main([*common, "--out", str(tmp_path / "none")]) != 0
+
+
+def test_a_stream_is_paced_to_its_rate_not_refused(server: BackgroundServer, channel: grpc.Channel) -> None:
+    stream = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    requests = [request_for(VISIBLE, {"input": np.zeros((1, 16), np.float32)}, id=f"p-{i}") for i in range(4)]
+    started = time.monotonic()
+    replies = list(stream(iter(requests), metadata=[("authorization", f"Bearer {TOKENS['paced']}")], timeout=60))
+    elapsed = time.monotonic() - started
+    assert sorted(r.infer_response.id for r in replies) == [f"p-{i}" for i in range(4)]
+    assert all(not r.error_message for r in replies)
+    assert elapsed >= 0.5  # burst 1 at 5/s: the last three waited 0.2 s each for a token (a lower bound only)
+    assert "paced" not in scrape(server).split("ferry_auth_rate_limited_total")[-1].split("\n# ")[0]

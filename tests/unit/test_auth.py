@@ -271,3 +271,15 @@ def test_hash_token_command(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
     assert capsys.readouterr().out.strip() == digest_of("test")
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert main(["auth", "hash-token"]) == 2
+
+
+def test_a_full_audit_queue_drops_and_counts(tmp_path: Path) -> None:
+    from ferry.server.security.audit import AuditEvent, AuditLog
+
+    audit = AuditLog(tmp_path / "audit.jsonl", queue_size=2)
+    accepted = sum(audit.record(AuditEvent("authz_fail", identity=f"i{i}")) for i in range(500))
+    audit.close()
+    assert audit.dropped == 500 - accepted and audit.dropped > 0  # never waited: the writer drains every 50 ms
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == audit.written == accepted
+    assert json.loads(lines[0])["event"] == "authz_fail"
