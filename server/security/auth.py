@@ -121,7 +121,12 @@ class Identity:
     cn: str | None = None
     san: str | None = None
     anonymous: bool = False
+    every_model: bool = field(init=False, default=False)
+    """``models`` has ``*``: nothing to check per model."""
     _seen: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "every_model", "*" in self.models)
 
     def sees(self, model: str) -> bool:
         """Whether ``model`` is on this identity's allow-list (names or fnmatch globs; answers cached, bounded)."""
@@ -175,6 +180,7 @@ class Policy:
     by_cn: Mapping[str, Identity] = field(default_factory=dict)
     by_san: Mapping[str, Identity] = field(default_factory=dict)
     _granted: dict[frozenset[int], Identity] = field(default_factory=dict, compare=False, repr=False)
+    _accepted: dict[str | bytes, Identity] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -209,7 +215,16 @@ class Policy:
                         matched = matched or set()
                         matched.add(i)
         if authorization is not None:
-            return self._bearer(authorization)
+            # A header value already accepted under these rules maps straight to its identity: the lookup hashes
+            # the presented value with Python's keyed SipHash and compares only on a full hash match, so its timing
+            # says nothing about how much of a stored token a guess shares. New values take the full path.
+            identity = self._accepted.get(authorization)
+            if identity is None:
+                identity = self._bearer(authorization)
+                if len(self._accepted) >= 1024:  # bounded: only accepted values get here, but their spellings vary
+                    self._accepted.clear()
+                self._accepted[authorization] = identity
+            return identity
         if self.by_cn or self.by_san:
             identity = self._certificate(context)
             if identity is not None:

@@ -228,6 +228,10 @@ class Guard:
         return handler._replace(**{field: guarded})
 
     def _guard_coroutine(self, rule: Rule, behavior: Callable[..., Any], streaming: bool) -> Callable[..., Any]:
+        audited = self.audit is not None and (bool(rule.admin) or (rule.sampled and self.sample_rate > 0.0))
+        if not (streaming or audited or rule.rewrite or rule.filter):
+            return self._guard_unary(rule, behavior)
+
         async def guarded(request: Any, context: Any) -> Any:
             try:
                 caller = self._admit(rule, request, context, streaming)
@@ -246,14 +250,38 @@ class Guard:
                 if rule.filter is not None and reply is not None:
                     reply = rule.filter(self, caller.identity, request, reply)
             except BaseException as err:
-                if rule.admin or rule.sampled:
+                if audited:
                     self._after(rule, caller, request, context, err)
                 raise
             finally:
                 _CALLER.reset(token)
-            if rule.admin or rule.sampled:
+            if audited:
                 self._after(rule, caller, request, context, None)
             return reply
+
+        return guarded
+
+    def _guard_unary(self, rule: Rule, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """The common case, kept short (it runs on every inference call): a unary method with nothing to audit,
+        rewrite or filter; an identity that sees every model needs no caller for :meth:`visible`."""
+        scope, method = rule.scope, rule.method
+
+        async def guarded(request: Any, context: Any) -> Any:
+            try:
+                identity = self.policy.identify(context.invocation_metadata(), context)
+                if scope not in identity.scopes or identity.rate is not None:
+                    self._check(rule, identity, False)
+            except Denied as denied:
+                self._refused(rule, request, context, denied)
+                await context.abort(denied.code, denied.message)
+                return None
+            if identity.every_model:
+                return await behavior(request, context)
+            token = _CALLER.set(_Caller(identity, context, method, request))
+            try:
+                return await behavior(request, context)
+            finally:
+                _CALLER.reset(token)
 
         return guarded
 
@@ -280,6 +308,11 @@ class Guard:
 
     def _admit(self, rule: Rule, request: Any, context: Any, streaming: bool) -> _Caller:
         identity = self.policy.identify(context.invocation_metadata(), context)
+        self._check(rule, identity, streaming)
+        return _Caller(identity, context, rule.method, request)
+
+    def _check(self, rule: Rule, identity: Identity, streaming: bool) -> None:
+        """The method's scope, then the identity's rate (a request stream is paced instead); raises Denied."""
         if rule.scope not in identity.scopes:
             if identity.anonymous:
                 raise Denied(
@@ -305,7 +338,6 @@ class Guard:
                     f"{rate.burst:g}): retry in {wait:.3f} s",
                     identity.name,
                 )
-        return _Caller(identity, context, rule.method, request)
 
     def _bucket(self, identity: Identity) -> TokenBucket:
         bucket = self._buckets.get(identity.name)
