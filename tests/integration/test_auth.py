@@ -618,3 +618,92 @@ def test_a_stream_is_paced_to_its_rate_not_refused(server: BackgroundServer, cha
     assert all(not r.error_message for r in replies)
     assert elapsed >= 0.5  # burst 1 at 5/s: the last three waited 0.2 s each for a token (a lower bound only)
     assert "paced" not in scrape(server).split("ferry_auth_rate_limited_total")[-1].split("\n# ")[0]
+
+
+# --- certificate identities through grpcio's TLS (the transport's own TLS comes with the TLS work) ----------
+
+
+def make_certificates(root: Path) -> dict[str, bytes]:
+    """A CA, a server certificate for 127.0.0.1 and two client certificates (CN ops.internal; CN other with a
+    spiffe SAN), made at test time with openssl."""
+    import subprocess
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True, timeout=60)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
+    for name, subject, san in (
+        ("server", "/CN=localhost", "DNS:localhost,IP:127.0.0.1"),
+        ("ops", "/CN=ops.internal", "DNS:ops.internal"),
+        ("mesh", "/CN=other", "URI:spiffe://cluster/ns/default/sa/mesh"),
+    ):
+        (root / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        run("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")  # fmt: skip
+    return {p.name: p.read_bytes() for p in root.iterdir() if p.suffix in (".pem", ".key")}
+
+
+def test_certificate_identities_over_grpcio_mtls(example_repo: Path, tmp_path: Path) -> None:
+    """Ferry's registrations (every service, guarded) on a grpc.aio server with mTLS: the identity comes from the
+    verified client certificate's CN or SAN, read through context.auth_context() as the guard reads it."""
+    import asyncio
+
+    from ferry.server.api.servicer import InferenceServicer
+    from ferry.server.app import FerryServer
+    from ferry.server.config import ServerConfig
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    certs = make_certificates(tmp_path)
+    repo = repository(example_repo, tmp_path / "models")
+    auth = tmp_path / "auth.yaml"
+    auth.write_text(
+        "identities:\n"
+        "  - {name: ops, certificate: {cn: ops.internal}, scopes: [metadata, model-repository], models: ['*']}\n"
+        "  - {name: mesh, certificate: {san: 'spiffe://cluster/ns/default/sa/mesh'}, scopes: [model-repository],"
+        " models: [tiny]}\n"
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    ferry = FerryServer(ServerConfig.build(model_repository=repo, auth_config_path=auth, http_port=None))
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        async def changed() -> None:
+            return None
+
+        await asyncio.to_thread(ferry.repository.load_all)
+        aio = grpc.aio.server()
+        ferry._register(InferenceServicer(ferry.repository, ferry.cache, lambda: True, changed), aio)
+        credentials = grpc.ssl_server_credentials(
+            [(certs["server.key"], certs["server.pem"])], certs["ca.pem"], require_client_auth=True
+        )
+        port = aio.add_secure_port("127.0.0.1:0", credentials)
+        await aio.start()
+        return aio, port
+
+    aio, port = on_loop(start())
+    try:
+
+        def index(client: str) -> Answer:
+            credentials = grpc.ssl_channel_credentials(certs["ca.pem"], certs[f"{client}.key"], certs[f"{client}.pem"])
+            with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as ch:
+                return call(ch, "/inference.GRPCInferenceService/RepositoryIndex", "", None)
+
+        assert {m.name for m in index("ops").reply.models} == {VISIBLE, HIDDEN}  # by CN
+        assert {m.name for m in index("mesh").reply.models} == {VISIBLE}  # by SAN, its own allow-list
+        credentials = grpc.ssl_channel_credentials(certs["ca.pem"], certs["mesh.key"], certs["mesh.pem"])
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as ch:
+            denied = call(ch, "/inference.GRPCInferenceService/ServerMetadata", "", None)
+        assert denied.code == grpc.StatusCode.PERMISSION_DENIED and "'mesh'" in denied.details
+    finally:
+        on_loop(aio.stop(0))
+        on_loop(ferry.repository.close())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -283,3 +283,15 @@ def test_a_full_audit_queue_drops_and_counts(tmp_path: Path) -> None:
     lines = (tmp_path / "audit.jsonl").read_text().splitlines()
     assert len(lines) == audit.written == accepted
     assert json.loads(lines[0])["event"] == "authz_fail"
+
+
+def test_serve_refuses_a_bad_auth_file_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "auth.yaml"
+    bad.write_text("identities:\n  - name: x\n    token_sha256: nothex\n    scopes: [inference]\n")
+    (tmp_path / "models").mkdir()
+    argv = ["serve", "--model-repository", str(tmp_path / "models"), "--grpc-port", "0", "--http-port", "-1"]
+    assert main([*argv, "--auth-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "identities[0] (x).token_sha256" in err
+    assert main([*argv, "--grpc-restricted-protocol", "bogus:k=v"]) == 2
+    assert "unknown groups ['bogus']" in capsys.readouterr().err
