@@ -169,6 +169,7 @@ class Guard:
         self._random = random.Random().random
         self._load = load
         self._watch = watch
+        self._signature = _signature(watch) if watch is not None else None  # of the file the rules came from
         self._poll_s = poll_s
         self._watcher: asyncio.Task[None] | None = None
         self._buckets: dict[str, TokenBucket] = {}
@@ -435,6 +436,8 @@ class Guard:
         ones stay and the log says why. Audited either way (``authz_change``)."""
         if self._load is None:
             return True
+        if self._watch is not None:  # this reload reads the file as it is now: the watcher need not again
+            self._signature = _signature(self._watch)
         try:
             policy = await asyncio.to_thread(self._load)
         except FerryError as err:
@@ -464,12 +467,11 @@ class Guard:
             self._watcher = None
 
     async def _watch_file(self, path: Path) -> None:
-        seen = _signature(path)
         while True:
             await asyncio.sleep(self._poll_s)
             now = _signature(path)
-            if now != seen:
-                seen = now  # a bad file is reported once, then again only when it changes
+            if now != self._signature:
+                self._signature = now  # a bad file is reported once, then again only when it changes
                 await self.reload("file change")
 
     # -- metrics ---------------------------------------------------------------------------------------------
