@@ -27,11 +27,15 @@ No credential ever reaches it: ``detail`` carries the server's own message, whic
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import grpc
 import orjson
 
 from ferry.server.observability.predlog import PredictionLog
@@ -108,6 +112,48 @@ class AuditLog:
         self._writer.close()
 
 
+def code_of(err: BaseException | None, context: Any) -> str:
+    if isinstance(err, asyncio.CancelledError):
+        return "CANCELLED"
+    code = getattr(err, "code", None) if err is not None else None
+    if not isinstance(code, grpc.StatusCode):
+        read = getattr(context, "code", None)
+        with contextlib.suppress(Exception):
+            code = read() if read is not None else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "OK" if err is None else "UNKNOWN"
+
+
+def model_of(request: Any) -> tuple[str, str]:
+    if request is None:
+        return "", ""
+    for name, version in (("model_name", "model_version"), ("name", "version")):
+        value = getattr(request, name, None)
+        if isinstance(value, str):
+            return value, str(getattr(request, version, "") or "")
+    service = getattr(request, "service", None)
+    return (service, "") if isinstance(service, str) else ("", "")
+
+
+def peer_of(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:
+        return ""
+
+
+def trace_id_of(context: Any) -> str:
+    """The W3C trace id of the caller's ``traceparent`` (``00-<trace id>-<span id>-<flags>``), else ""."""
+    with contextlib.suppress(Exception):
+        for key, value in context.invocation_metadata():
+            if key == "traceparent" and isinstance(value, str):
+                parts = value.split("-")
+                if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+                    return parts[1]
+    return ""
+
+
 __all__ = [
     "ALLOWED",
     "AUTHN_FAIL",
@@ -118,5 +164,9 @@ __all__ = [
     "RATE_EXCEEDED",
     "AuditEvent",
     "AuditLog",
+    "code_of",
     "encode_event",
+    "model_of",
+    "peer_of",
+    "trace_id_of",
 ]

@@ -26,9 +26,8 @@ import inspect
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,37 +45,21 @@ from ferry.server.security.audit import (
     RATE_EXCEEDED,
     AuditEvent,
     AuditLog,
+    code_of,
+    model_of,
+    peer_of,
+    trace_id_of,
 )
-from ferry.server.security.auth import (
-    METHOD_SCOPES,
-    Denied,
-    Identity,
-    Policy,
-    open_policy,
-    parse_restriction,
-    read_policy,
-)
+from ferry.server.security.auth import Denied, Identity, Policy, parse_restriction
+from ferry.server.security.authfile import open_policy, read_policy
 from ferry.server.security.ratelimit import TokenBucket
+from ferry.server.security.registrar import Registrar, refuse_all, unimplemented_stub
+from ferry.server.security.rules import RULES, Rule, changes_state
 
 log = logging.getLogger(__name__)
 
-HIDDEN = "/"
-"""The name a hidden model is asked about under where the guard rewrites a request (health, outcomes): a model
-directory cannot be called that, so the answer is the one for a model that does not exist."""
-
-_INFERENCE = "/inference.GRPCInferenceService/"
 _FIELDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 FAILURE_REASONS = ("malformed", "invalid_token", "no_credential", "scope", "model")
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    method: str
-    scope: str
-    admin: str = ""  # the audit action of a state change ("" = none)
-    sampled: bool = False  # an inference call: audited at the sample rate
-    filter: Callable[[Guard, Identity, Any, Any], Any] | None = None  # the reply as the caller may see it
-    rewrite: Callable[[Guard, Any], Any] | None = None  # the request as the caller may ask it
 
 
 class _Caller:
@@ -93,59 +76,6 @@ class _Caller:
 
 
 _CALLER: ContextVar[_Caller | None] = ContextVar("ferry_caller", default=None)
-
-
-def _index(guard: Guard, identity: Identity, request: Any, reply: Any) -> Any:
-    return type(reply)(models=[m for m in reply.models if identity.sees(m.name)])
-
-
-def _statistics(guard: Guard, identity: Identity, request: Any, reply: Any) -> Any:
-    if request.name:  # one model: the repository already answered it as the caller may see it
-        return reply
-    return type(reply)(model_stats=[s for s in reply.model_stats if identity.sees(s.name)])
-
-
-def _health_list(guard: Guard, identity: Identity, request: Any, reply: Any) -> Any:
-    statuses = {k: v for k, v in reply.statuses.items() if not k or k in guard.services or identity.sees(k)}
-    return type(reply)(statuses=statuses)
-
-
-def _health(guard: Guard, request: Any) -> Any:
-    service = request.service
-    if service and service not in guard.services and not guard.visible(service):
-        return type(request)(service=HIDDEN)
-    return request
-
-
-def _outcomes(guard: Guard, request: Any) -> Any:
-    hidden = [i for i, o in enumerate(request.outcomes) if o.model_name and not guard.visible(o.model_name)]
-    if not hidden:
-        return request
-    copy = type(request)()
-    copy.CopyFrom(request)
-    for i in hidden:
-        copy.outcomes[i].model_name = HIDDEN
-    return copy
-
-
-def _trace_changes(request: Any) -> bool:
-    return bool(request.settings)
-
-
-SPECIAL: dict[str, dict[str, Any]] = {
-    f"{_INFERENCE}RepositoryIndex": {"filter": _index},
-    f"{_INFERENCE}ModelStatistics": {"filter": _statistics},
-    f"{_INFERENCE}RepositoryModelLoad": {"admin": "model_load"},
-    f"{_INFERENCE}RepositoryModelUnload": {"admin": "model_unload"},
-    f"{_INFERENCE}TraceSetting": {"admin": "trace_setting"},
-    f"{_INFERENCE}ModelInfer": {"sampled": True},
-    f"{_INFERENCE}ModelStreamInfer": {"sampled": True},
-    "/grpc.health.v1.Health/Check": {"rewrite": _health},
-    "/grpc.health.v1.Health/Watch": {"rewrite": _health},
-    "/grpc.health.v1.Health/List": {"filter": _health_list},
-    "/ferry.v1.OutcomeService/ReportOutcomes": {"rewrite": _outcomes},
-}
-RULES = {method: Rule(method, scope, **SPECIAL.get(method, {})) for method, scope in METHOD_SCOPES.items()}
 
 
 class Guard:
@@ -205,9 +135,9 @@ class Guard:
 
     # -- registration ----------------------------------------------------------------------------------------
 
-    def registrar(self, server: Any) -> _Registrar:
+    def registrar(self, server: Any) -> Registrar:
         """What to register services on instead of ``server``: the same methods, each guarded."""
-        return _Registrar(self, server)
+        return Registrar(self, server)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """``handler`` with its behaviour guarded by ``method``'s rule (or refused to all when it has none)."""
@@ -217,13 +147,13 @@ class Guard:
         self.methods[method] = rule.scope if rule is not None else None
         if rule is None:
             log.error("%s has no scope in the auth table: it is refused to every caller", method)
-            guarded: Callable[..., Any] = _refuse_all(method)
+            guarded: Callable[..., Any] = refuse_all(method)
         elif inspect.isasyncgenfunction(behavior):
             guarded = self._guard_generator(rule, behavior, handler.request_streaming)
         elif inspect.iscoroutinefunction(behavior):
             guarded = self._guard_coroutine(rule, behavior, handler.request_streaming)
         elif not handler.request_streaming and not handler.response_streaming:
-            guarded = self._guard_coroutine(rule, _unimplemented_stub(method, behavior), False)
+            guarded = self._guard_coroutine(rule, unimplemented_stub(method, behavior), False)
         else:
             raise TypeError(f"{method}: the guard takes async handlers only, got {behavior!r}")
         return handler._replace(**{field: guarded})
@@ -387,15 +317,15 @@ class Guard:
         if self.audit is None:
             return
         if rule.admin:
-            if rule.admin == "trace_setting" and not _trace_changes(request):
-                return  # reading the settings changes nothing
+            if not changes_state(rule, request):
+                return  # reading the trace settings changes nothing
             event = AUTHZ_ADMIN
         elif self.sample_rate > 0.0 and (self.sample_rate >= 1.0 or self._random() < self.sample_rate):
             event = ALLOWED
         else:
             return
         shown = None if rule.method.endswith("StreamInfer") else request
-        self._audit(event, caller.identity.name, context, rule.method, shown, _code_of(err, context), action=rule.admin)
+        self._audit(event, caller.identity.name, context, rule.method, shown, code_of(err, context), action=rule.admin)
 
     def _audit(
         self,
@@ -412,18 +342,18 @@ class Guard:
     ) -> None:
         if self.audit is None:
             return
-        found_model, version = _model_of(request)
+        found_model, version = model_of(request)
         self.audit.record(
             AuditEvent(
                 event,
                 identity,
-                _peer(context),
+                peer_of(context),
                 method,
                 found_model if model is None else model,
                 version,
                 code,
                 str(getattr(request, "id", "") or ""),
-                _trace_id(context),
+                trace_id_of(context),
                 action,
                 detail,
             )
@@ -488,103 +418,6 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-def _unimplemented_stub(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    """A plain (not async) unary handler, called inline: what generated servicer bases leave for a method the
-    servicer does not implement (grpc_health's aio servicer and ``List``), which set UNIMPLEMENTED and raise."""
-
-    async def call(request: Any, context: Any) -> Any:
-        try:
-            return behavior(request, context)
-        except NotImplementedError:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
-
-    return call
-
-
-def _refuse_all(method: str) -> Callable[..., Any]:
-    async def refused(request: Any, context: Any) -> None:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{method} has no scope in Ferry's auth table")
-
-    return refused
-
-
-def _code_of(err: BaseException | None, context: Any) -> str:
-    if isinstance(err, asyncio.CancelledError):
-        return "CANCELLED"
-    code = getattr(err, "code", None) if err is not None else None
-    if not isinstance(code, grpc.StatusCode):
-        read = getattr(context, "code", None)
-        with contextlib.suppress(Exception):
-            code = read() if read is not None else None
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return "OK" if err is None else "UNKNOWN"
-
-
-def _model_of(request: Any) -> tuple[str, str]:
-    if request is None:
-        return "", ""
-    for name, version in (("model_name", "model_version"), ("name", "version")):
-        value = getattr(request, name, None)
-        if isinstance(value, str):
-            return value, str(getattr(request, version, "") or "")
-    service = getattr(request, "service", None)
-    return (service, "") if isinstance(service, str) else ("", "")
-
-
-def _peer(context: Any) -> str:
-    try:
-        return str(context.peer())
-    except Exception:
-        return ""
-
-
-def _trace_id(context: Any) -> str:
-    """The W3C trace id of the caller's ``traceparent`` (``00-<trace id>-<span id>-<flags>``), else ""."""
-    with contextlib.suppress(Exception):
-        for key, value in context.invocation_metadata():
-            if key == "traceparent" and isinstance(value, str):
-                parts = value.split("-")
-                if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
-                    return parts[1]
-    return ""
-
-
-class _Registrar:
-    """Stands in for a server (grpc.aio's or Ferry's ``Services``) while generated code registers services."""
-
-    def __init__(self, guard: Guard, server: Any) -> None:
-        self._guard = guard
-        self._server = server
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self._guard.services.add(service)
-        guarded = {name: self._guard.wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self._server.add_registered_method_handlers(service, guarded)
-
-    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(self._guard, h) for h in handlers))
-
-
-class _GuardedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose methods come out guarded (wrapped once per method found)."""
-
-    def __init__(self, guard: Guard, inner: grpc.GenericRpcHandler) -> None:
-        self._guard = guard
-        self._inner = inner
-        self._found: dict[str, grpc.RpcMethodHandler] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        found = self._found.get(method)
-        if found is None:
-            handler = self._inner.service(handler_call_details)
-            if handler is None:
-                return None
-            found = self._found[method] = self._guard.wrap(method, handler)
-        return found
-
-
 def metric_families(guard: Guard | None, audit: AuditLog | None) -> Iterator[Metric]:
     """The security families, always present (empty without auth or audit log)."""
     failures = CounterMetricFamily(
@@ -607,4 +440,4 @@ def metric_families(guard: Guard | None, audit: AuditLog | None) -> Iterator[Met
     yield from (failures, limited, written, dropped)
 
 
-__all__ = ["HIDDEN", "RULES", "Guard", "Rule", "metric_families"]
+__all__ = ["Guard", "metric_families"]

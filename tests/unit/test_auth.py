@@ -19,11 +19,10 @@ from ferry.server.security.auth import (
     MAX_AUTHORIZATION_BYTES,
     METHOD_SCOPES,
     Denied,
-    parse_policy,
     parse_restriction,
-    read_policy,
 )
 from ferry.server.security.auth import hash_token as digest_of
+from ferry.server.security.authfile import parse_policy, read_policy
 from ferry.server.security.guard import Guard
 from ferry.server.security.ratelimit import TokenBucket
 from ferry.server.transport import Services
