@@ -113,12 +113,14 @@ class Guard:
         """The server's guard, or None when nothing asks for one (no auth file, no restricted-protocol flag, no
         audit log): then nothing is wrapped and calls cost what they did. Raises InvalidArgument for a bad auth
         file or flag, naming it."""
-        restrictions = [parse_restriction(t, True) for t in config.grpc_restricted_protocol] + [
-            parse_restriction(t, False) for t in config.http_restricted_api
-        ]
-        groups = [g for r in restrictions for g in r.groups]
-        if twice := sorted({g for g in groups if groups.count(g) > 1}):
-            raise InvalidArgument(f"restricted protocols: groups {twice} are in more than one restriction")
+        restrictions = []
+        for values, grpc_form in ((config.grpc_restricted_protocol, True), (config.http_restricted_api, False)):
+            parsed = [parse_restriction(t, grpc_form) for t in values]
+            groups = [g for r in parsed for g in r.groups]  # Triton: a group in one restriction per flag
+            if twice := sorted({g for g in groups if groups.count(g) > 1}):
+                flag = "--grpc-restricted-protocol" if grpc_form else "--http-restricted-api"
+                raise InvalidArgument(f"{flag}: groups {twice} are in more than one restriction")
+            restrictions += parsed
         path = config.auth_config_path
         if path is None and not restrictions and audit is None:
             return None

@@ -196,12 +196,18 @@ def test_triton_restrictions() -> None:
     assert policy.identify([("triton-grpc-protocol-admin-key", "wrong")], FakeContext()).anonymous
 
 
-def test_groups_in_two_restrictions_are_refused(tmp_path: Path) -> None:
-    config = ServerConfig.build(
-        model_repository=tmp_path, grpc_restricted_protocol=["trace:a=1"], http_restricted_api=["trace:b=2"]
-    )
-    with pytest.raises(InvalidArgument, match="more than one restriction"):
+def test_a_group_in_two_restrictions_of_one_flag_is_refused(tmp_path: Path) -> None:
+    config = ServerConfig.build(model_repository=tmp_path, grpc_restricted_protocol=["trace:a=1", "trace,health:b=2"])
+    with pytest.raises(InvalidArgument, match="--grpc-restricted-protocol: groups \\['trace'\\]"):
         Guard.from_config(config, None)
+    # Triton's own example restricts the same groups with both flags
+    both = ServerConfig.build(
+        model_repository=tmp_path, grpc_restricted_protocol=["trace:admin=1"], http_restricted_api=["trace:admin=1"]
+    )
+    guard = Guard.from_config(both, None)
+    assert guard is not None and "trace" not in guard.policy.anonymous.scopes
+    for header in ("triton-grpc-protocol-admin", "admin"):
+        assert "trace" in guard.policy.identify([(header, "1")], FakeContext()).scopes
 
 
 def test_token_bucket() -> None:
