@@ -201,7 +201,7 @@ class Policy:
         authorization: str | bytes | None = None
         matched: set[int] | None = None
         restrictions = self.restrictions
-        for key, value in metadata:
+        for key, value in metadata or ():  # a context may hand None for no metadata
             if key == "authorization":
                 if authorization is not None:
                     raise Denied(grpc.StatusCode.UNAUTHENTICATED, "malformed", "more than one authorization header")
