@@ -60,6 +60,7 @@ bench: models perf-deps
 	$(BIN)/python -m benchmarks.bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_batching --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_observability --models $(MODELS) --out bench-out
+	$(BIN)/python -m benchmarks.bench_auth --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_switched --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_shadow --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md

@@ -72,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-request deadline, also the "
                    "longest drain after a step (10)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of inputs and Poisson arrivals")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="gRPC metadata sent "
+                   "with every call, e.g. 'authorization=Bearer TOKEN' for --auth-config (repeatable)")  # fmt: skip
     p.add_argument(
         "--progress",
         choices=("auto", "rich", "plain"),

@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -131,8 +131,9 @@ class Client(Protocol):
 class WireClient:
     """:mod:`ferry.loadtest.wire` connections; a new one is opened when the server has closed or is closing the last."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self.target = target
+        self.metadata = tuple(metadata)
         self.conn: wire.Connection | None = None
 
     async def _connection(self) -> wire.Connection:
@@ -141,13 +142,13 @@ class WireClient:
             if conn is not None and not conn.streams:
                 conn.close()
             try:
-                conn = self.conn = await wire.open_connection(self.target)
+                conn = self.conn = await wire.open_connection(self.target, metadata=self.metadata)
             except (OSError, TimeoutError) as err:
                 raise wire.CallError("UNAVAILABLE", f"cannot connect to {self.target}: {err}") from None
         return conn
 
     async def ready(self, timeout_s: float) -> None:
-        self.conn = await wire.open_connection(self.target, timeout_s)
+        self.conn = await wire.open_connection(self.target, timeout_s, metadata=self.metadata)
 
     async def unary(self, message: bytes, timeout_s: float, on_reply: Callable[[bytes], None] | None = None) -> str:
         try:
@@ -183,7 +184,8 @@ class _WireStream:
 class GrpcioClient:
     """grpcio's ``grpc.aio`` channel, bytes in and out (no protobuf on the hot path)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self.metadata = tuple(metadata) or None
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                    ("grpc.use_local_subchannel_pool", 1)]  # fmt: skip
         self.channel = grpc.aio.insecure_channel(target, options=options)
@@ -195,7 +197,7 @@ class GrpcioClient:
 
     async def unary(self, message: bytes, timeout_s: float, on_reply: Callable[[bytes], None] | None = None) -> str:
         try:
-            reply = await self.infer(message, timeout=timeout_s)
+            reply = await self.infer(message, timeout=timeout_s, metadata=self.metadata)
         except grpc.aio.AioRpcError as err:
             return str(err.code().name)
         if on_reply is not None:
@@ -203,7 +205,7 @@ class GrpcioClient:
         return "OK"
 
     async def stream(self, on_reply: Callable[[bytes], None]) -> Stream:
-        return _GrpcioStream(self.stream_method(), on_reply)
+        return _GrpcioStream(self.stream_method(metadata=self.metadata), on_reply)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -243,11 +245,11 @@ class _GrpcioStream:
         return await asyncio.shield(self.reader)
 
 
-def make_client(kind: str, target: str) -> Client:
+def make_client(kind: str, target: str, metadata: Sequence[tuple[str, str]] = ()) -> Client:
     if kind == "wire":
-        return WireClient(target)
+        return WireClient(target, metadata)
     if kind == "grpcio":
-        return GrpcioClient(target)
+        return GrpcioClient(target, metadata)
     raise ValueError(f"client must be one of {CLIENTS}, got {kind!r}")
 
 
@@ -513,7 +515,7 @@ def _id_field(request_id: str) -> bytes:
 
 
 def worker_main(conn: Connection, messages: Any, target: str, workload: Workload, worker: int, nonce: int,
-                seed: int, client: str = "wire") -> None:  # fmt: skip
+                seed: int, client: str = "wire", metadata: Sequence[tuple[str, str]] = ()) -> None:  # fmt: skip
     """Entry point of a worker process: report ``ready``, then run each StepPlan received until ``None``."""
     loop: asyncio.AbstractEventLoop
     try:
@@ -528,7 +530,7 @@ def worker_main(conn: Connection, messages: Any, target: str, workload: Workload
         messages.put(("progress", worker, step, (done, failed, recent)))
 
     try:
-        w = Worker(make_client(client, target), workload, worker, nonce, seed, progress)
+        w = Worker(make_client(client, target, metadata), workload, worker, nonce, seed, progress)
         loop.run_until_complete(w.ready(30))
         messages.put(("ready", worker, -1, None))
         while (plan := conn.recv()) is not None:

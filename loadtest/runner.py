@@ -45,6 +45,7 @@ class RunConfig:
     max_requests: int = 1_000_000  # per step, over all workers
     seed: int = 0
     client: str = "wire"  # "wire" (ferry.loadtest.wire) | "grpcio"
+    metadata: tuple[tuple[str, str], ...] = ()  # sent with every call (e.g. authorization: Bearer ...)
 
     def __post_init__(self) -> None:
         if self.mode not in ("unary", "stream"):
@@ -70,14 +71,24 @@ class LoadTest:
         self._messages: Any = self._ctx.Queue()
         self._conns: list[Any] = []
         self._procs: list[Any] = []
-        self._channel = grpc.insecure_channel(config.target)
+        self._channel = serverview.with_metadata(grpc.insecure_channel(config.target), config.metadata)
         self._index = 0
         nonce = random.SystemRandom().randrange(1 << 30)  # distinct requests in every run, so caches miss
         for w in range(config.processes):
             parent, child = self._ctx.Pipe()
             proc = self._ctx.Process(
                 target=worker_main,
-                args=(child, self._messages, config.target, workload, w, nonce, config.seed, config.client),
+                args=(
+                    child,
+                    self._messages,
+                    config.target,
+                    workload,
+                    w,
+                    nonce,
+                    config.seed,
+                    config.client,
+                    config.metadata,
+                ),
                 name=f"ferry-loadtest-{w}",
                 daemon=True,
             )

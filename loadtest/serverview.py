@@ -20,6 +20,22 @@ from ferry.loadtest.workload import InputSpec, ModelSpec
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 
 
+class _Metadata(grpc.UnaryUnaryClientInterceptor):
+    """Adds fixed metadata (``--metadata``: a bearer token) to every unary call of a channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        details = details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+        return continuation(details, request)
+
+
+def with_metadata(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> grpc.Channel:
+    """``channel``, sending ``metadata`` with each call (the channel itself when there is none)."""
+    return grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
+
+
 def describe_model(channel: grpc.Channel, model: str, version: str = "", timeout_s: float = 30) -> ModelSpec:
     """Read the model's inputs and batching from ModelMetadata and ModelConfig (raises grpc.RpcError)."""
     stub = pb_grpc.GRPCInferenceServiceStub(channel)

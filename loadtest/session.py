@@ -42,6 +42,17 @@ def command_line() -> str:
     return shlex.join(sys.argv)
 
 
+def parse_metadata(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``--metadata KEY=VALUE`` values as gRPC metadata pairs (keys lowercased, as HTTP/2 requires)."""
+    pairs = []
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--metadata {item!r}: expected KEY=VALUE")
+        pairs.append((key.strip().lower(), value))
+    return tuple(pairs)
+
+
 class Session:
     def __init__(self, args: argparse.Namespace, model: workload.ModelSpec, load: workload.Workload) -> None:
         self.args = args
@@ -56,13 +67,15 @@ class Session:
         self.config = RunConfig(
             target=args.target, model=args.model, version=args.version, mode=args.mode, processes=args.processes,
             warmup_s=warmup, duration_s=args.duration, timeout_s=args.timeout, max_requests=args.max_requests,
-            seed=args.seed, client=args.client,
+            seed=args.seed, client=args.client, metadata=parse_metadata(getattr(args, "metadata", None) or []),
         )  # fmt: skip
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> Session:
         """Ask the server about the model and prepare every request (raises ValueError, ConnectionError)."""
-        with grpc.insecure_channel(args.target) as channel:
+        metadata = parse_metadata(getattr(args, "metadata", None) or [])
+        with grpc.insecure_channel(args.target) as plain:
+            channel = serverview.with_metadata(plain, metadata)
             try:
                 spec = serverview.describe_model(channel, args.model, args.version)
             except grpc.RpcError as err:

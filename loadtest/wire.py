@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from ferry.server.transport.http2 import (  # the echo servers and tests use these through this module too
@@ -84,8 +84,11 @@ _HTTP_STATUS = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSI
                 b"429": "UNAVAILABLE", b"502": "UNAVAILABLE", b"503": "UNAVAILABLE", b"504": "UNAVAILABLE"}  # fmt: skip
 
 
-def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes:
-    """The HPACK block of a gRPC request; it never changes the server's decoding state, so it is reused as is."""
+def request_headers(
+    authority: str, path: str, timeout_s: float | None, metadata: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """The HPACK block of a gRPC request; it never changes the server's decoding state, so it is reused as is.
+    ``metadata``: fields sent with every call (``authorization: Bearer ...``)."""
     block = (
         b"\x83\x86"  # :method POST, :scheme http (static table 3 and 6)
         + literal(4, path.encode())  # :path
@@ -96,6 +99,8 @@ def request_headers(authority: str, path: str, timeout_s: float | None) -> bytes
     )
     if timeout_s is not None:
         block += literal(b"grpc-timeout", grpc_timeout(timeout_s))
+    for key, value in metadata:
+        block += literal(key.lower().encode("ascii"), value.encode("latin-1"))
     return block
 
 
@@ -134,8 +139,11 @@ class _Stream:
 class Connection(asyncio.Protocol):
     """One HTTP/2 connection to a gRPC server; open it with :meth:`open`. Calls: :meth:`unary` and :meth:`stream`."""
 
-    def __init__(self, authority: str, receive_window: int = RECEIVE_WINDOW) -> None:
+    def __init__(
+        self, authority: str, receive_window: int = RECEIVE_WINDOW, metadata: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.authority = authority
+        self.metadata = tuple(metadata)
         self.receive_window = receive_window
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
@@ -204,7 +212,7 @@ class Connection(asyncio.Protocol):
             raise CallError("UNAVAILABLE", self.closed_reason or "the server is going away")
         block = self._blocks.get((path, timeout_s))
         if block is None:
-            block = self._blocks[(path, timeout_s)] = request_headers(self.authority, path, timeout_s)
+            block = self._blocks[(path, timeout_s)] = request_headers(self.authority, path, timeout_s, self.metadata)
         stream_id = self.next_id
         self.next_id += 2
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None

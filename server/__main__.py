@@ -12,6 +12,7 @@ from ferry.client.errors import FerryError
 from ferry.server import __version__
 from ferry.server.app import run, serve
 from ferry.server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
+from ferry.server.security.auth import hash_token
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,6 +85,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--tls-reload-check-s", type=float, default=5.0, help="check the TLS files for changes this often (s)"
     )
+    s.add_argument("--auth-config", type=Path, help="auth file (YAML/JSON): identities, scopes, models, rates")
+    s.add_argument(
+        "--grpc-restricted-protocol",
+        action="append",
+        metavar="GROUPS:KEY=VALUE",
+        help="Triton's syntax: these API groups need the header triton-grpc-protocol-KEY: VALUE (repeatable)",
+    )
+    s.add_argument(
+        "--http-restricted-api",
+        action="append",
+        metavar="GROUPS:KEY=VALUE",
+        help="Triton's syntax: these API groups need the header KEY: VALUE (repeatable)",
+    )
+    s.add_argument("--audit-log", type=Path, help="JSON Lines file of security events")
+    s.add_argument("--audit-log-max-bytes", type=int, default=64 << 20, help="rotate the audit log past this size")
+    s.add_argument("--audit-log-backups", type=int, default=5, help="rotated audit logs kept")
+    s.add_argument("--audit-sample-rate", type=float, default=0.0, help="fraction of allowed inference calls audited")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -91,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     from ferry.client.codegen import add_arguments as add_client_arguments  # argparse only, as for loadtest
 
     add_client_arguments(commands.add_parser("client", help="client tools: generate typed per-model clients"))
+    auth = commands.add_parser("auth", help="auth tools").add_subparsers(dest="auth_command", required=True)
+    hashing = auth.add_parser("hash-token", help="print the token_sha256 of a bearer token for the auth file")
+    hashing.add_argument("token", nargs="?", help="the token (default: read from stdin, so it stays out of history)")
     return parser
 
 
@@ -104,6 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ferry.client.codegen import run as client_command
 
         return client_command(args)
+    if args.command == "auth":
+        token = args.token if args.token is not None else sys.stdin.readline().rstrip("\r\n")
+        if not token:
+            print("ferry: no token given (an argument, or one line on stdin)", file=sys.stderr)
+            return 2
+        print(hash_token(token))
+        return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig.build(
@@ -135,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             tls_reload_check_s=args.tls_reload_check_s,
+            auth_config_path=args.auth_config,
+            grpc_restricted_protocol=args.grpc_restricted_protocol,
+            http_restricted_api=args.http_restricted_api,
+            audit_log_path=args.audit_log,
+            audit_log_max_bytes=args.audit_log_max_bytes,
+            audit_log_backups=args.audit_log_backups,
+            audit_sample_rate=args.audit_sample_rate,
         )
         run(serve(config), config.use_uvloop)
     except FerryError as err:

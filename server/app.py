@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -40,6 +40,9 @@ from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker
 from ferry.server.observability.predlog import PredictionLog, PredictionLogSettings
 from ferry.server.observability.telemetry import Tracing
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
+from ferry.server.security.audit import AuditLog
+from ferry.server.security.guard import Guard
+from ferry.server.security.guard import metric_families as security_metric_families
 from ferry.server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
@@ -82,8 +85,22 @@ class FerryServer:
         self.monitoring = Monitoring(
             PredictionLog.from_settings(log_settings), OutcomeTracker(config.outcome_window, max_pending=100_000)
         )
+        self.audit = (
+            AuditLog(config.audit_log_path, config.audit_log_max_bytes, config.audit_log_backups)
+            if config.audit_log_path is not None
+            else None
+        )
+        self.guard = Guard.from_config(config, self.audit)  # None: no auth, nothing wrapped
+        self.reloaders: list[Callable[[], Awaitable[object]]] = []
+        """Called, in order, on SIGHUP (:meth:`reload`): the auth rules, the TLS certificates."""
+        if self.guard is not None:
+            self.reloaders.append(self.guard.reload)
         self.repository = ModelRepository(
-            config, on_close=self.cache.drop_version, tracing=self.tracing, monitoring=self.monitoring
+            config,
+            on_close=self.cache.drop_version,
+            tracing=self.tracing,
+            monitoring=self.monitoring,
+            visible=self.guard.visible if self.guard is not None else None,
         )
         self.shadows = ShadowRunner(self.repository, self.tracing)  # models' shadow versions (their `shadow`)
         self.loopwatch = LoopWatch(config.loop_lag_warn_s)
@@ -91,6 +108,9 @@ class FerryServer:
         if config.tls_cert is not None and config.tls_key is not None:
             files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
             self.tls = CertificateReloader(files, config.tls_reload_check_s)
+            self.reloaders.append(self._reload_tls)
+            if self.audit is not None:
+                self.tls.listeners.append(self._audit_tls_reload)
         self.grpc_port = 0
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
@@ -116,6 +136,7 @@ class FerryServer:
         self.metrics.extras.append(self._monitoring_metrics)
         self.metrics.extras.append(self.shadows.metric_families)
         self.metrics.extras.append(self.loopwatch.metric_families)
+        self.metrics.extras.append(lambda: security_metric_families(self.guard, self.audit))
         self._registry = registry_for(self.metrics)
         if self.tls is not None:
             self.tls.start()
@@ -126,13 +147,18 @@ class FerryServer:
         else:
             await self._start_grpcio(servicer)
         await self.update_health()  # NOT_SERVING while models load
+        if self.guard is not None:
+            self.guard.start()  # watches the auth file
         if self.config.http_port is not None:
             await self._start_http(self.config.http_port)
         await asyncio.to_thread(self.repository.load_all)
         await self.update_health()
 
     def _register(self, servicer: InferenceServicer, server: Any) -> None:
-        """Every gRPC service Ferry serves, on either transport (both take generated code's registrations)."""
+        """Every gRPC service Ferry serves, on either transport (both take generated code's registrations). With
+        auth on, every method is registered guarded (:meth:`Guard.registrar`); without it, as it is."""
+        if self.guard is not None:
+            server = self.guard.registrar(server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
@@ -200,11 +226,6 @@ class FerryServer:
         self._http_runner = runner
         self.http_port = site.port
 
-    def reload(self, reason: str = "SIGHUP") -> None:
-        """Reload what can change without a restart (SIGHUP): the TLS certificate and key, for new connections."""
-        if self.tls is not None:
-            self.tls.reload(reason)
-
     async def update_health(self) -> None:
         """Publish readiness to the health service: "" and the inference service, and one entry per model."""
         overall = SERVING if self.is_ready() else NOT_SERVING
@@ -231,12 +252,33 @@ class FerryServer:
             await self._http_runner.cleanup()
         await self.shadows.close()
         await self.repository.close()
+        if self.guard is not None:
+            await self.guard.stop()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
         self.tracing.shutdown()
         if self.tls is not None:
             await self.tls.stop()
         if self.monitoring.predlog is not None:
             await asyncio.to_thread(self.monitoring.predlog.close)
         self.loopwatch.stop()
+
+    async def reload(self) -> None:
+        """SIGHUP: run every reloader; one that fails is logged and the others still run."""
+        for reloader in list(self.reloaders):
+            try:
+                await reloader()
+            except Exception:
+                log.exception("reload failed: %r", reloader)
+
+    async def _reload_tls(self) -> None:
+        """The TLS certificate and key (and client CA), for new connections."""
+        if self.tls is not None:
+            self.tls.reload("SIGHUP")
+
+    def _audit_tls_reload(self, ok: bool, detail: str) -> None:
+        if self.audit is not None:
+            self.audit.system("authz_admin", "cert_reload", "OK" if ok else "INVALID_ARGUMENT", detail)
 
     def _monitoring_metrics(self) -> Iterator[Metric]:
         monitors = [mv.monitor for m in self.repository.models() for mv in m.versions.values() if mv.monitor]
@@ -256,7 +298,14 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await server.start()
         print(server.ready_line(), flush=True)

@@ -119,6 +119,32 @@ class ServerConfig:
     """How often the TLS files are checked for a change (inode, size, mtime); a change, like SIGHUP, reloads them
     for new connections."""
 
+    auth_config_path: Path | None = None
+    """The auth file (YAML or JSON: identities, scopes, model allow-lists, rates; see server/security/auth.py);
+    None = no authentication (unless the restricted-protocol flags ask for some)."""
+
+    auth_poll_s: float = 2.0
+    """How often the auth file is looked at for changes (it is also reloaded on SIGHUP)."""
+
+    grpc_restricted_protocol: tuple[str, ...] = ()
+    """Triton's ``--grpc-restricted-protocol`` values, ``<group>[,<group>...]:<key>=<value>``: those API groups need
+    the header ``triton-grpc-protocol-<key>: <value>``."""
+
+    http_restricted_api: tuple[str, ...] = ()
+    """Triton's ``--http-restricted-api`` values: as above with the header ``<key>: <value>``."""
+
+    audit_log_path: Path | None = None
+    """JSON Lines file of security events (refusals, state changes, sampled inference calls); None = off."""
+
+    audit_log_max_bytes: int = 64 * 1024 * 1024
+    """Rotate the audit log before it passes this size (0 = never)."""
+
+    audit_log_backups: int = 5
+    """Rotated audit logs kept."""
+
+    audit_sample_rate: float = 0.0
+    """Fraction of allowed inference calls written to the audit log, in [0, 1]."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -166,6 +192,14 @@ class ServerConfig:
             raise InvalidArgument(f"tls_reload_check_s must be in 0.1..86400, got {self.tls_reload_check_s}")
         if not (1 <= self.http_max_connections <= 1_000_000):
             raise InvalidArgument(f"http_max_connections must be in 1..1000000, got {self.http_max_connections}")
+        if not 0.0 <= self.audit_sample_rate <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"audit_sample_rate must be in [0, 1], got {self.audit_sample_rate}")
+        if not self.auth_poll_s > 0:
+            raise InvalidArgument(f"auth_poll_s must be > 0, got {self.auth_poll_s}")
+        if self.audit_log_max_bytes < 0:
+            raise InvalidArgument(f"audit_log_max_bytes must be >= 0, got {self.audit_log_max_bytes}")
+        if not 0 <= self.audit_log_backups <= 1000:
+            raise InvalidArgument(f"audit_log_backups must be in 0..1000, got {self.audit_log_backups}")
         if not self.model_repository.is_dir():
             raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
 
@@ -178,4 +212,9 @@ class ServerConfig:
         for name in ("model_repository", "tls_cert", "tls_key", "tls_client_ca"):
             if given.get(name) is not None:
                 given[name] = Path(os.fspath(given[name]))
+        for key in ("grpc_restricted_protocol", "http_restricted_api"):
+            if given.get(key) is not None:
+                given[key] = tuple(given[key])
+            else:
+                given.pop(key, None)
         return cls(**given, extra=unknown)

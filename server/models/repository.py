@@ -61,14 +61,18 @@ class ModelRepository:
         on_close: Callable[[str, int], None] = lambda name, version: None,
         tracing: Tracing = NO_TRACING,
         monitoring: Monitoring | None = None,
+        visible: Callable[[str], bool] | None = None,
     ) -> None:
-        """``on_close(name, version)`` is called for every version that stops serving (the cache forgets it)."""
+        """``on_close(name, version)`` is called for every version that stops serving (the cache forgets it).
+        ``visible(name)``, when given, is asked on every lookup by name: a model it denies is answered exactly as
+        one that does not exist (the auth guard: a caller's allow-list)."""
         self._config = config
         self._tracing = tracing
         self.monitoring = monitoring or Monitoring()
         self._on_close = on_close
         self._root = config.model_repository
         self._models: dict[str, Model] = {}
+        self._visible = visible
         self.loaded = False
 
     def model_dirs(self) -> list[Path]:
@@ -83,7 +87,7 @@ class ModelRepository:
     async def load(self, name: str) -> Model:
         """(Re)load one model from disk and publish it; the versions it replaces drain and close."""
         path = self._root / name
-        if not path.is_dir():
+        if not path.is_dir() or not self._sees(name):
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
         model = await asyncio.to_thread(_load_model, self._config, path, self._tracing, self.monitoring)
         old = self._publish(model)
@@ -102,7 +106,7 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model: new requests get NOT_FOUND, queued ones UNAVAILABLE, running batches finish."""
-        model = self._models.pop(name, None)
+        model = self._models.pop(name, None) if self._sees(name) else None
         if model is None:
             raise NotFound(f"model {name!r} is not loaded")
         await self._close(model)
@@ -119,8 +123,11 @@ class ModelRepository:
     def models(self) -> list[Model]:
         return [self._models[name] for name in sorted(self._models)]
 
+    def _sees(self, name: str) -> bool:
+        return self._visible is None or self._visible(name)
+
     def get_model(self, name: str) -> Model:
-        model = self._models.get(name)
+        model = self._models.get(name) if self._sees(name) else None
         if model is None:
             raise NotFound(f"unknown model {name!r}")
         return model
@@ -128,7 +135,7 @@ class ModelRepository:
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names (a number or one of the model's version labels), or the highest loaded
         version when it names none."""
-        model = self._models.get(name)
+        model = self._models.get(name) if self._visible is None or self._visible(name) else None
         if model is None:
             raise NotFound(f"unknown model {name!r}")
         if not version:

@@ -263,17 +263,21 @@ class PredictionLog:
         backups: int,
         queue_size: int,
         *,
-        encode: Callable[[Prediction], bytes] = encode_prediction,
+        encode: Callable[[Any], bytes] = encode_prediction,
+        label: str = "prediction log",
     ) -> None:
+        """``encode`` turns an entry into its JSON line (in the writer thread); ``label`` names the log in messages
+        and its thread (the audit log writes through this class too)."""
         PredictionLogSettings(path, max_bytes, backups, queue_size)  # validates
         self.path = Path(path)
+        self.label = label
         self.max_bytes = max_bytes
         self.backups = backups
         self.written = 0
         self.dropped = 0
         self.failed = 0
         self._encode = encode
-        self._entries: deque[Prediction] = deque()  # appended on the loop, drained by the writer (both atomic)
+        self._entries: deque[Any] = deque()  # appended on the loop, drained by the writer (both atomic)
         self._queue_size = queue_size
         self._wake = threading.Event()  # set by record() when the writer may be asleep
         self._count_lock = threading.Lock()
@@ -281,7 +285,7 @@ class PredictionLog:
         self._file: Any = None
         self._size = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="ferry-predlog", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"ferry-{label.replace(' ', '-')}", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -291,8 +295,9 @@ class PredictionLog:
             return None
         return cls(settings.path, settings.max_bytes, settings.backups, settings.queue_size)
 
-    def record(self, entry: Prediction) -> bool:
-        """Queue one prediction for writing; False (and ``dropped`` + 1) when the queue is full or the log closed."""
+    def record(self, entry: Any) -> bool:
+        """Queue one entry (a :class:`Prediction`, or the encoder's kind) for writing; False (and ``dropped`` + 1)
+        when the queue is full or the log closed."""
         if not self._closed and len(self._entries) < self._queue_size:
             self._entries.append(entry)
             if not self._wake.is_set():  # at most one wake-up per drain: no lock or thread switch per entry
@@ -315,7 +320,7 @@ class PredictionLog:
         self._wake.set()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
-            log.warning("prediction log %s: the writer did not finish within %.1fs", self.path, timeout_s)
+            log.warning("%s %s: the writer did not finish within %.1fs", self.label, self.path, timeout_s)
             return
         # A record() that saw the log open while close() ran may have appended after the writer's last drain.
         with self._count_lock:
@@ -344,12 +349,12 @@ class PredictionLog:
                 self._file.close()
                 self._file = None
 
-    def _write_entry(self, entry: Prediction) -> None:
+    def _write_entry(self, entry: Any) -> None:
         try:
             line = self._encode(entry) + b"\n"
         except Exception:
             self.failed += 1
-            log.exception("prediction log: cannot encode a prediction of model %r", entry.model)
+            log.exception("%s: cannot encode an entry of model %r", self.label, getattr(entry, "model", ""))
             return
         try:
             if self._file is None:
@@ -361,7 +366,7 @@ class PredictionLog:
             self.written += 1
         except Exception as err:  # the writer must outlive any one entry: a full disk, a removed directory
             self.failed += 1
-            log.warning("prediction log %s: write failed: %s", self.path, err)
+            log.warning("%s %s: write failed: %s", self.label, self.path, err)
             self._close_file()  # reopened for the next entry
 
     def _open(self) -> None:
@@ -390,7 +395,7 @@ class PredictionLog:
                 self._file.flush()
             except OSError as err:
                 self.failed += 1
-                log.warning("prediction log %s: flush failed: %s", self.path, err)
+                log.warning("%s %s: flush failed: %s", self.label, self.path, err)
 
     def _close_file(self) -> None:
         if self._file is not None:

@@ -11,8 +11,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ("transport", "api", "inference", "models")  # each may import the rooms after it
-LEAVES = ("observability", "config", "security")  # security: TLS (transport, api), auth and audit
+ORDER = ("transport", "api", "inference", "models", "security")  # each may import the rooms after it
+LEAVES = ("observability", "config")
 TOP = ("app", "__main__", "__init__")
 
 KNOWN = {
@@ -110,3 +110,5 @@ def test_a_wrong_import_is_caught() -> None:
     assert not allowed("ferry.server.transport.connection", "ferry.server.app")
     assert allowed("ferry.server.api.servicer", "ferry.server.inference.call")
     assert allowed("ferry.server.models.model", "ferry.server.observability.stats")
+    assert allowed("ferry.server.security.guard", "ferry.server.observability.predlog")
+    assert not allowed("ferry.server.security.guard", "ferry.server.models.repository")
