@@ -39,10 +39,10 @@ from ferry.server.observability.outcomes import SERVICE_NAME as OUTCOME_SERVICE
 from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker
 from ferry.server.observability.predlog import PredictionLog, PredictionLogSettings
 from ferry.server.observability.telemetry import Tracing
-from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.security.audit import AuditLog
 from ferry.server.security.guard import Guard
 from ferry.server.security.guard import metric_families as security_metric_families
+from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport
 
 log = logging.getLogger(__name__)
