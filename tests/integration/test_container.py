@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.serving import FerryProcess, free_port, wait_serving
+from tests.unit.test_manifests import containers, flag_values, one
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "deploy" / "container"
@@ -159,3 +161,36 @@ def test_the_health_check_passes_and_sigterm_exits_zero(container: tuple[str, st
     podman("stop", "--time", "60", name, timeout=120)
     (state,) = json.loads(podman("container", "inspect", name).stdout)
     assert state["State"]["ExitCode"] == 0, podman("logs", name, check=False).stderr[-2000:]
+
+
+@pytest.mark.timeout(2400)
+def test_the_deployments_arguments_serve_in_the_image(image: str, run_flags: list[str], example_repo: Path) -> None:
+    """The image with deploy/kubernetes/base's container arguments and model mount serves, and SIGTERM ends it with
+    exit code 0 before the pod's grace period would have killed it."""
+    pod = one("Deployment", "ferry")["spec"]["template"]["spec"]
+    (spec,) = containers(one("Deployment", "ferry"))
+    help_text = podman("run", "--rm", *run_flags, image, "--help").stdout
+    unknown = sorted(set(flag_values(spec["args"])) - set(re.findall(r"(--[a-z][a-z0-9-]*)", help_text)))
+    if unknown:
+        pytest.skip(f"the image's ferry serve lacks {unknown} (tests/unit/test_manifests.py fails on them)")
+    (mount,) = spec["volumeMounts"]
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    name = f"ferry-test-deployment-{os.getpid()}"
+    grpc_port = free_port()
+    podman(
+        "run", "--detach", "--name", name, *run_flags, "--publish", f"127.0.0.1:{grpc_port}:{ports['grpc']}",
+        "--volume", f"{example_repo.resolve()}:{mount['mountPath']}:ro", image, *spec["args"],
+    )  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{grpc_port}", timeout_s=300)
+        import tritonclient.grpc as triton
+
+        client = triton.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_model_ready("tiny")
+        client.close()
+        grace = str(pod["terminationGracePeriodSeconds"])  # past it, podman (like the kubelet) sends SIGKILL
+        podman("stop", "--time", grace, name, timeout=float(grace) + 60)
+        (state,) = json.loads(podman("container", "inspect", name).stdout)
+        assert state["State"]["ExitCode"] == 0, podman("logs", name, check=False).stderr[-2000:]
+    finally:
+        podman("rm", "--force", "--time", "0", name, check=False)
