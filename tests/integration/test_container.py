@@ -7,7 +7,9 @@
   Debian mirror and PyPI): ``deploy/container/build.sh`` builds it (cached), ``podman run`` serves the example
   repository mounted at /models, and tritonclient's gRPC client gets the same answers onnxruntime gives here; the
   server runs as the image's non-root user, serving compiled no kernel, the image's HEALTHCHECK passes, and
-  ``podman stop`` (SIGTERM) ends it with exit code 0. Skips, saying why, where podman cannot run containers.
+  ``podman stop`` (SIGTERM) ends it with exit code 0. Then the image runs with the Kubernetes Deployment's arguments
+  and model mount, and SIGTERM ends it with exit code 0 within the pod's grace period. Skips, saying why, where
+  podman cannot run containers.
 """
 
 from __future__ import annotations
