@@ -11,7 +11,13 @@ from pathlib import Path
 from ferry.client.errors import FerryError
 from ferry.server import __version__
 from ferry.server.app import run, serve
-from ferry.server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
+from ferry.server.config import (
+    EXECUTION_PROVIDERS,
+    GRAPH_OPTIMIZATION_LEVELS,
+    MODEL_CONTROL_MODES,
+    TRANSPORTS,
+    ServerConfig,
+)
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,6 +81,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
     )
+    s.add_argument(
+        "--model-control-mode",
+        choices=MODEL_CONTROL_MODES,
+        default="none",
+        help="none: load all at start, refuse load/unload; explicit: --load-model at start, load/unload allowed; "
+        "poll: load all, then apply repository changes",
+    )
+    s.add_argument(
+        "--load-model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="explicit mode: a model to load at start (repeatable; '*' = all)",
+    )
+    s.add_argument(
+        "--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between repository polls"
+    )
+    s.add_argument("--model-load-threads", type=int, default=4, help="threads loading models side by side")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -121,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace_s,
             use_uvloop=not args.no_uvloop,
             loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
+            model_control_mode=args.model_control_mode,
+            load_models=tuple(args.load_model or ()),
+            repository_poll_secs=args.repository_poll_secs,
+            model_load_threads=args.model_load_threads,
         )
         run(serve(config), config.use_uvloop)
     except FerryError as err:
