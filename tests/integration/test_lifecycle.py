@@ -8,12 +8,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
 import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +102,51 @@ def test_a_broken_config_keeps_every_serving_version(example_repo: Path, tmp_pat
         for version in ("1", "2"):
             assert index[("digits", version)][0] == "READY" and "config.pbtxt" in index[("digits", version)][1]
             assert stub.ModelReady(pb.ModelReadyRequest(name="digits", version=version)).ready
+
+
+def test_loads_of_different_models_run_side_by_side_and_one_models_loads_wait_in_turn(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """mlp's warmup reads its sample from a named pipe, so its load blocks (in a load thread) until the test writes:
+    meanwhile tiny keeps answering (the loop is free), digits loads (another load thread), and a second load of mlp
+    waits for the first."""
+    repo = copy_models(example_repo, tmp_path, "mlp", "tiny", "digits")
+    (repo / "mlp" / "config.pbtxt").write_text(
+        'name: "mlp"\nmax_batch_size: 4\nmodel_warmup [ { name: "pipe" batch_size: 1 inputs { key: "input" value: '
+        '{ data_type: TYPE_FP32 dims: [ 256 ] input_data_file: "x.bin" } } } ]\n'
+    )
+    (repo / "mlp" / "warmup").mkdir()
+    pipe = repo / "mlp" / "warmup" / "x.bin"
+    os.mkfifo(pipe)
+    sample = np.ones(256, np.float32).tobytes()
+    with (
+        background_server(repo, model_control_mode="explicit", load_models=("tiny",), model_load_threads=2) as server,
+        grpc.insecure_channel(server.address) as channel,
+        ThreadPoolExecutor(2) as callers,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def load(name: str) -> None:
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name), timeout=120)
+
+        loads = [callers.submit(load, "mlp"), callers.submit(load, "mlp")]
+        with pipe.open("wb") as writer:  # opens once one mlp load reads the pipe: it is blocked in its warmup now
+            for _ in range(20):
+                assert infer_tiny(stub).model_version == "1"
+            load("digits")  # on the other load thread
+            assert stub.ModelReady(pb.ModelReadyRequest(name="digits")).ready
+            assert not any(f.done() for f in loads)
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="mlp")).ready
+            writer.write(sample)
+        done, waiting = wait(loads, timeout=120, return_when=FIRST_COMPLETED)
+        assert len(done) == 1 and len(waiting) == 1
+        done.pop().result()
+        with pipe.open("wb") as writer:  # the other load reads the pipe only now that the first one finished
+            assert not waiting.pop().done()
+            writer.write(sample)
+        for f in loads:
+            f.result(timeout=120)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="mlp")).ready
 
 
 # ---- control modes ------------------------------------------------------------------------------------------
