@@ -335,14 +335,15 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> None:
         """(Re)load ``model`` (the server's explicit mode). ``config``: a ModelConfig as JSON text or a dict, used
-        instead of its config.pbtxt; ``files``: ``{"<version>/model.onnx": bytes, ...}`` that replace the model's
+        instead of its config.pbtxt; ``files``: ``{"<version>/model.onnx": bytes, ...}`` (a ``file:`` prefix, as
+        tritonclient wants it, may be given) that replace the model's
         directory for this load (needs ``config``). A version that fails keeps serving its earlier build and the
         call raises ``InvalidArgument`` with the reasons; a refused call (another mode) raises ``Unavailable``."""
         request = pb.RepositoryModelLoadRequest(model_name=model)
         if config is not None:
             request.parameters["config"].string_param = config if isinstance(config, str) else json.dumps(config)
-        for path, content in (files or {}).items():
-            request.parameters[f"file:{path}"].bytes_param = bytes(content)
+        for path, content in (files or {}).items():  # tritonclient's keys ("file:1/model.onnx") are taken too
+            request.parameters[f"file:{path.removeprefix('file:')}"].bytes_param = bytes(content)
         await self._unary("RepositoryModelLoad", request, timeout)
 
     async def unload(self, model: str, *, timeout: float | None = None) -> None:

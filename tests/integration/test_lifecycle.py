@@ -222,6 +222,9 @@ def test_the_sdk_loads_unloads_and_reads_the_index(example_repo: Path, tmp_path:
         assert client.model_ready("tiny")
         client.load("tiny", config={"name": "tiny", "max_batch_size": 2})
         assert client.model_config("tiny").max_batch_size == 2
+        tiny_bytes = (example_repo / "tiny" / "1" / "model.onnx").read_bytes()
+        client.load("up", config={"name": "up", "max_batch_size": 2}, files={"7/model.onnx": tiny_bytes})
+        assert client.model_ready("up", 7)
         client.unload("tiny")
         with pytest.raises(NotFound):
             client.infer("tiny", {"input": np.ones((1, 16), np.float32)})
