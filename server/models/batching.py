@@ -103,8 +103,8 @@ class Batcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._busy = 0  # instances taken: by a running batch, or by the dispatcher forming one
-        self._settled = asyncio.Event()  # set when nothing is queued and no instance is taken
-        self._settled.set()
+        self._draining = False
+        self._settled = asyncio.Event()  # while draining: set when nothing is queued and no instance is taken
         self._exec_estimate_s = 0.0  # moving average of batch run time, to leave room before deadlines
         # A lone request may skip the queue only when no window would hold it back for company.
         self._runs_at_once = not policy.batching or policy.max_queue_delay_s == 0
@@ -168,7 +168,6 @@ class Batcher:
             return future.result(), 0.0
         self._queues[level].append(item)
         self._queued += 1
-        self._settled.clear()
         self._arrived.set()
         result = await future  # a cancelled caller cancels the future: the batcher then skips the request
         return result, item.started - item.enqueued
@@ -206,11 +205,11 @@ class Batcher:
         later (a stream's request task runs after the turn that resolved it), and it must be answered too. The
         batcher closes once it has been settled (nothing queued, no instance taken) across three loop turns,
         long enough for every task made before the swap to take its first step."""
-        if self._dispatcher is None and self._queued == 0 and self._busy == 0:
-            await self.close()
-            return
+        self._draining = True
         while True:
-            await self._settled.wait()
+            if self._queued or self._busy:
+                self._settled.clear()
+                await self._settled.wait()  # set by the last instance given back with nothing queued
             for _ in range(3):
                 await asyncio.sleep(0)
             if self._queued == 0 and self._busy == 0:
@@ -219,12 +218,11 @@ class Batcher:
 
     def _take_instance(self) -> None:
         self._busy += 1
-        self._settled.clear()
 
     def _give_instance(self) -> None:
         self._free.release()
         self._busy -= 1
-        if self._busy == 0 and self._queued == 0:
+        if self._draining and self._busy == 0 and self._queued == 0:
             self._settled.set()
 
     async def _dispatch(self) -> None:
