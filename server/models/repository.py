@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ferry.client._proto import model_config_pb2 as mc
-from ferry.client.errors import FerryError, InvalidArgument, NotFound, Unavailable
+from ferry.client.errors import FerryError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ferry.server.config import ServerConfig
 from ferry.server.models.lifecycle import Snapshot, merge, parse_override, snapshot, stage_files
 from ferry.server.models.model import ModelVersion
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
 CONTROL_REFUSED = "explicit model load / unload is not allowed if polling is enabled"
+MAX_UPLOADED_MODELS = 64
+"""Models served from uploaded files (``file:`` load parameters) at once. Each holds a session, worker threads and a
+staging folder, and a client chooses how many names it uploads: past the bound a load is RESOURCE_EXHAUSTED until
+one is unloaded (a reload of a model already uploaded replaces it and is always taken)."""
 """Triton's words (and status, UNAVAILABLE) for a load or unload request outside the explicit mode."""
 
 
@@ -99,6 +103,7 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._uploads: dict[str, Path] = {}  # model -> the staging folder of its uploaded files, while it serves them
+        self.max_uploaded_models = MAX_UPLOADED_MODELS
         self._applied: dict[str, Snapshot] = {}  # poll: what each model's directory looked like when last loaded
         self._seen: dict[str, Snapshot] = {}  # poll: what it looked like at the previous poll
         self.loaded = False
@@ -163,6 +168,11 @@ class ModelRepository:
         override = parse_override(config_json, name) if config_json is not None else None
         async with self._locks.setdefault(name, asyncio.Lock()):
             staged = None
+            if files and name not in self._uploads and len(self._uploads) >= self.max_uploaded_models:
+                raise ResourceExhausted(
+                    f"model {name!r}: {len(self._uploads)} models already serve uploaded files, the most this server "
+                    f"holds ({self.max_uploaded_models}); unload one first"
+                )
             if files:
                 staging_root = Path(tempfile.gettempdir())
                 staged = await asyncio.get_running_loop().run_in_executor(

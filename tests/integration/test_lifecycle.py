@@ -28,7 +28,7 @@ import tritonclient.grpc as tc
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from ferry.client import Client, InvalidArgument, NotFound
+from ferry.client import Client, InvalidArgument, NotFound, ResourceExhausted
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
@@ -209,6 +209,26 @@ def test_explicit_mode_loads_only_the_named_models_and_takes_config_and_files(
             assert not client.is_model_ready("uploaded")
         finally:
             client.close()
+
+
+def test_models_served_from_uploads_are_bounded(example_repo: Path, tmp_path: Path) -> None:
+    """Each uploaded model holds a session and threads, and the client picks the names: past the bound (2 here, 64
+    by default) a new upload is RESOURCE_EXHAUSTED; reloading an uploaded model or unloading one is always taken."""
+    tiny_bytes = (example_repo / "tiny" / "1" / "model.onnx").read_bytes()
+    with background_server(tmp_path, model_control_mode="explicit") as server, Client(server.address) as client:
+        server.server.repository.max_uploaded_models = 2
+
+        def upload(name: str) -> None:
+            client.load(name, config={"name": name}, files={"1/model.onnx": tiny_bytes})
+
+        upload("a")
+        upload("b")
+        with pytest.raises(ResourceExhausted, match="unload one first"):
+            upload("c")
+        upload("a")  # a reload of an uploaded model replaces it
+        client.unload("b")
+        upload("c")
+        assert {e.name for e in client.repository_index(ready=True)} == {"a", "c"}
 
 
 def test_the_sdk_loads_unloads_and_reads_the_index(example_repo: Path, tmp_path: Path) -> None:

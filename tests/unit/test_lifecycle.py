@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,10 +212,20 @@ def test_declared_warmup_data_kinds_and_errors(tmp_path: Path) -> None:
         "cannot read": entry('input_data_file: "nope.bin"'),
         f"at most {MAX_WARMUP_RUNS}": entry("zero_data: true", count=MAX_WARMUP_RUNS + 1),
         "no data for inputs": '{ name: "w" batch_size: 1 }',
+        "do not fit the model": entry("zero_data: true", dims="-1"),
     }
     for message, text in errors.items():
         with pytest.raises(InvalidArgument, match=message):
             samples(text)
+    _, inputs = _completed("")
+    inputs = [replace(inputs[0], dims=(-1,))]  # a dynamic dimension: the sample's dims decide, within a bound
+    huge = parse_config(
+        'name: "m"\nmax_batch_size: 8\nmodel_warmup [ { name: "w" batch_size: 8 inputs { key: "x" value: '
+        "{ data_type: TYPE_FP32 dims: [ 100000000 ] zero_data: true } } } ]",
+        "config.pbtxt",
+    )
+    with pytest.raises(InvalidArgument, match="is over"):
+        warmup_samples(huge, inputs, tmp_path)
 
 
 # ---- settings --------------------------------------------------------------------------------------------------
