@@ -32,7 +32,7 @@ from ferry.client import Client, InvalidArgument, NotFound, ResourceExhausted
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from tests.integration.test_rpcs import outputs_of, request_for
-from tests.serving import BackgroundServer, background_server
+from tests.serving import BackgroundServer, FerryProcess, background_server
 
 EXPLICIT_ALL = {"model_control_mode": "explicit", "load_models": ("*",)}
 MLP_BATCHED = (
@@ -68,7 +68,9 @@ def infer_tiny(stub: pb_grpc.GRPCInferenceServiceStub, version: str = "") -> pb.
 # ---- swaps that lose nothing --------------------------------------------------------------------------------
 
 
-def test_a_failed_reload_keeps_the_serving_version_ready(example_repo: Path, tmp_path: Path) -> None:
+def test_a_failed_reload_keeps_the_serving_version_ready(
+    example_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before issue 15 a corrupt file on reload took the model offline (UNAVAILABLE); now the build that served
     keeps serving, and the index, the load call and /metrics tell what failed."""
     repo = copy_models(example_repo, tmp_path, "tiny")
@@ -88,6 +90,8 @@ def test_a_failed_reload_keeps_the_serving_version_ready(example_repo: Path, tmp
         assert state == "READY" and "last load failed" in reason and "onnxruntime cannot load" in reason
         metrics = scrape(server)
         assert 'ferry_model_load_failed{model="tiny",version="1"} 1.0' in metrics
+        logged = [r.getMessage() for r in caplog.records if r.name == "ferry.server.models.repository"]
+        assert any("reload of version 1 failed, still serving 1 (sha256" in line for line in logged), logged
 
 
 def test_a_broken_config_keeps_every_serving_version(example_repo: Path, tmp_path: Path) -> None:
@@ -229,6 +233,21 @@ def test_models_served_from_uploads_are_bounded(example_repo: Path, tmp_path: Pa
         client.unload("b")
         upload("c")
         assert {e.name for e in client.repository_index(ready=True)} == {"a", "c"}
+
+
+def test_ferry_serve_takes_the_lifecycle_flags(example_repo: Path, tmp_path: Path) -> None:
+    repo = copy_models(example_repo, tmp_path / "repo", "tiny", "mlp")
+    flags = ("--model-control-mode", "explicit", "--load-model", "tiny", "--model-load-threads", "1")
+    process = FerryProcess(repo, *flags)
+    process.start()
+    try:
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert {k: v[0] for k, v in index_of(stub).items()} == {("tiny", "1"): "READY", ("mlp", ""): "UNAVAILABLE"}
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="mlp"), timeout=120)
+            assert stub.ModelReady(pb.ModelReadyRequest(name="mlp")).ready
+    finally:
+        process.stop()
 
 
 def test_the_sdk_loads_unloads_and_reads_the_index(example_repo: Path, tmp_path: Path) -> None:
