@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,8 +102,18 @@ def stage_files(model_name: str, files: Mapping[str, bytes], root: Path) -> Path
     the uploaded files replace the model directory's content for this load) and return that model folder."""
     if not files:
         raise InvalidArgument(f"model {model_name!r}: no files to stage")
-    staged = Path(tempfile.mkdtemp(prefix=f"{model_name}-", dir=root)) / model_name
+    folder = Path(tempfile.mkdtemp(prefix="ferry-upload-", dir=root))
+    staged = folder / model_name
     staged.mkdir()
+    try:
+        _write_files(model_name, files, staged)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return staged
+
+
+def _write_files(model_name: str, files: Mapping[str, bytes], staged: Path) -> None:
     for name, content in files.items():
         relative = PurePosixPath(name)
         if relative.is_absolute() or ".." in relative.parts or not relative.parts or name.endswith("/"):
@@ -114,7 +125,6 @@ def stage_files(model_name: str, files: Mapping[str, bytes], root: Path) -> Path
         with open(target, "wb") as f:
             f.write(content)
             os.fsync(f.fileno())
-    return staged
 
 
 __all__ = ["PROVENANCE_PREFIX", "Snapshot", "merge", "parse_override", "snapshot", "stage_files"]

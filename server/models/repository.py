@@ -157,6 +157,7 @@ class ModelRepository:
         return await asyncio.shield(task)
 
     async def _load(self, name: str, config_json: str | None, files: Mapping[str, bytes] | None) -> LoadResult:
+        _check_name(name)
         if files and config_json is None:
             raise InvalidArgument(
                 f"model {name!r}: file parameters need the config parameter too (the uploaded files replace the "
@@ -166,14 +167,12 @@ class ModelRepository:
         if not files and not source.is_dir():
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
         override = parse_override(config_json, name) if config_json is not None else None
+        if files:
+            self._check_upload_room(name)  # before a lock is made for a name the client chose
         async with self._locks.setdefault(name, asyncio.Lock()):
             staged = None
-            if files and name not in self._uploads and len(self._uploads) >= self.max_uploaded_models:
-                raise ResourceExhausted(
-                    f"model {name!r}: {len(self._uploads)} models already serve uploaded files, the most this server "
-                    f"holds ({self.max_uploaded_models}); unload one first"
-                )
             if files:
+                self._check_upload_room(name)  # again: another upload may have taken the room meanwhile
                 staging_root = Path(tempfile.gettempdir())
                 staged = await asyncio.get_running_loop().run_in_executor(
                     self._pool, stage_files, name, dict(files), staging_root
@@ -187,14 +186,21 @@ class ModelRepository:
                 raise
             published, retired = merge(self._models.get(name), built)
             failures = {**built.errors}
-            if staged is not None:
-                if built.versions:  # the upload serves: its folder lives until the next load of the model
-                    self._forget_upload(name)
+            if built.versions:  # what built serves: an earlier upload's folder goes once its versions drained
+                self._forget_upload(name)
+                if staged is not None:
                     self._uploads[name] = staged
-                else:
-                    _remove_staging(staged)
+            else:
+                _remove_staging(staged)
             self._publish(published, retired, built)
         return LoadResult(published, failures)
+
+    def _check_upload_room(self, name: str) -> None:
+        if name not in self._uploads and len(self._uploads) >= self.max_uploaded_models:
+            raise ResourceExhausted(
+                f"model {name!r}: {len(self._uploads)} models already serve uploaded files, the most this server "
+                f"holds ({self.max_uploaded_models}); unload one first"
+            )
 
     def _build(self, name: str, override: mc.ModelConfig | None, staged: Path | None) -> Model:
         """Blocking, on the load pool: build and warm every version the model's policy serves."""
@@ -250,6 +256,9 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stop serving a model: new requests get NOT_FOUND at once; everything queued or running on it is answered,
         then it closes (this returns after that)."""
+        _check_name(name)
+        if name not in self._models:
+            raise NotFound(f"model {name!r} is not loaded")
         async with self._locks.setdefault(name, asyncio.Lock()):
             model = self._models.pop(name, None)
             if model is None:
@@ -378,6 +387,14 @@ def iso_time(seconds: float) -> str:
 def _serving_reason(mv: ModelVersion, model: Model) -> str:
     failure = model.failed.get(mv.version) or model.failed.get(None)
     return provenance(mv) + (f"; last load failed, this build keeps serving: {failure}" if failure else "")
+
+
+def _check_name(name: str) -> None:
+    """A model name is one directory name: never a path that leaves the repository (or the staging folder)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or name.startswith("."):
+        raise InvalidArgument(
+            f"model name {name!r} must be a directory name (no '/', not empty, not starting with '.')"
+        )
 
 
 def _remove_staging(staged: Path | None) -> None:

@@ -209,6 +209,10 @@ def test_explicit_mode_loads_only_the_named_models_and_takes_config_and_files(
             with pytest.raises(InferenceServerException) as err:  # a path out of the model folder: refused
                 client.load_model("other", config=uploaded.replace("uploaded", "other"), files={"file:../x": b""})
             assert "relative path" in str(err.value)
+            for name in ("../tiny", "..", "a/b"):  # a model name never leaves the repository
+                with pytest.raises(InferenceServerException) as err:
+                    client.load_model(name, config=uploaded, files={"file:1/model.onnx": tiny_bytes})
+                assert "must be a directory name" in str(err.value)
             client.unload_model("uploaded")
             assert not client.is_model_ready("uploaded")
         finally:

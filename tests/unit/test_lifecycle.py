@@ -161,7 +161,8 @@ def test_uploaded_files_stay_inside_their_model_folder(tmp_path: Path) -> None:
     assert staged.name == "m" and (staged / "1" / "model.onnx").read_bytes() == b"onnx"
     for bad in ("../escape", "/etc/passwd", "1/../../x", ""):
         with pytest.raises(InvalidArgument, match="relative path"):
-            stage_files("m", {bad: b""}, tmp_path)
+            stage_files("m", {"1/model.onnx": b"onnx", bad: b""}, tmp_path)
+    assert list(tmp_path.iterdir()) == [staged.parent]  # a refused upload leaves nothing behind
 
 
 # ---- warmup samples ---------------------------------------------------------------------------------------------
