@@ -132,7 +132,9 @@ def measure_all(models: Path, work: Path, settings: Settings, log: IO[str]) -> d
     out: dict[str, Any] = {}
     with otlp_receiver() as (port, receiver):
         env = otlp_env(port)
-        flags = ("--prediction-log", str(work / "predictions.jsonl"))
+        # it reloads models between windows: load requests need the explicit mode
+        flags: tuple[str, ...] = ("--prediction-log", str(work / "predictions.jsonl"))
+        flags += ("--model-control-mode", "explicit", "--load-model", "*")
         with ferry("ferry-switched", repo, log, env, *flags) as server:
             for case in CASES:
                 out[case] = {}

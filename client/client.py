@@ -21,6 +21,7 @@ that arrives after the deadline raises ``DeadlineExceeded`` as well.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -324,6 +325,31 @@ class AsyncClient:
         """``RepositoryIndexResponse.ModelIndex`` entries (name, version, state, reason)."""
         request = pb.RepositoryIndexRequest(ready=ready)
         return list((await self._unary("RepositoryIndex", request, timeout)).models)
+
+    async def load(
+        self,
+        model: str,
+        config: str | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """(Re)load ``model`` (the server's explicit mode). ``config``: a ModelConfig as JSON text or a dict, used
+        instead of its config.pbtxt; ``files``: ``{"<version>/model.onnx": bytes, ...}`` (a ``file:`` prefix, as
+        tritonclient wants it, may be given) that replace the model's
+        directory for this load (needs ``config``). A version that fails keeps serving its earlier build and the
+        call raises ``InvalidArgument`` with the reasons; a refused call (another mode) raises ``Unavailable``."""
+        request = pb.RepositoryModelLoadRequest(model_name=model)
+        if config is not None:
+            request.parameters["config"].string_param = config if isinstance(config, str) else json.dumps(config)
+        for path, content in (files or {}).items():  # tritonclient's keys ("file:1/model.onnx") are taken too
+            request.parameters[f"file:{path.removeprefix('file:')}"].bytes_param = bytes(content)
+        await self._unary("RepositoryModelLoad", request, timeout)
+
+    async def unload(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving ``model``: new requests get NOT_FOUND; returns once what it had queued or running was
+        answered."""
+        await self._unary("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model), timeout)
 
     async def report_outcomes(
         self, model: str, outcomes: Mapping[str, Truth] | Iterable[Outcome], *, timeout: float | None = None
@@ -635,6 +661,19 @@ class Client:
 
     def repository_index(self, ready: bool = False, *, timeout: float | None = None) -> list[Any]:
         return self._run(self._async.repository_index(ready, timeout=timeout))
+
+    def load(
+        self,
+        model: str,
+        config: str | Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self._run(self._async.load(model, config, files, timeout=timeout))
+
+    def unload(self, model: str, *, timeout: float | None = None) -> None:
+        self._run(self._async.unload(model, timeout=timeout))
 
     def report_outcomes(
         self, model: str, outcomes: Mapping[str, Truth] | Iterable[Outcome], *, timeout: float | None = None

@@ -11,7 +11,13 @@ from pathlib import Path
 from ferry.client.errors import FerryError
 from ferry.server import __version__
 from ferry.server.app import run, serve
-from ferry.server.config import EXECUTION_PROVIDERS, GRAPH_OPTIMIZATION_LEVELS, TRANSPORTS, ServerConfig
+from ferry.server.config import (
+    EXECUTION_PROVIDERS,
+    GRAPH_OPTIMIZATION_LEVELS,
+    MODEL_CONTROL_MODES,
+    TRANSPORTS,
+    ServerConfig,
+)
 from ferry.server.security.auth import hash_token
 
 
@@ -102,6 +108,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--audit-log-max-bytes", type=int, default=64 << 20, help="rotate the audit log past this size")
     s.add_argument("--audit-log-backups", type=int, default=5, help="rotated audit logs kept")
     s.add_argument("--audit-sample-rate", type=float, default=0.0, help="fraction of allowed inference calls audited")
+    s.add_argument(
+        "--model-control-mode",
+        choices=MODEL_CONTROL_MODES,
+        default="none",
+        help="none: load all at start, refuse load/unload; explicit: --load-model at start, load/unload allowed; "
+        "poll: load all, then apply repository changes",
+    )
+    s.add_argument(
+        "--load-model",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="explicit mode: a model to load at start (repeatable; '*' = all)",
+    )
+    s.add_argument(
+        "--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between repository polls"
+    )
+    s.add_argument("--model-load-threads", type=int, default=4, help="threads loading models side by side")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -170,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             audit_log_max_bytes=args.audit_log_max_bytes,
             audit_log_backups=args.audit_log_backups,
             audit_sample_rate=args.audit_sample_rate,
+            model_control_mode=args.model_control_mode,
+            load_models=tuple(args.load_model or ()),
+            repository_poll_secs=args.repository_poll_secs,
+            model_load_threads=args.model_load_threads,
         )
         run(serve(config), config.use_uvloop)
     except FerryError as err:

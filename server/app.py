@@ -119,6 +119,7 @@ class FerryServer:
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._transport: Transport | None = None
         self._models_with_health: set[str] = set()
+        self._poller: asyncio.Task[None] | None = None
 
     def is_ready(self) -> bool:
         if self._draining or not self.repository.loaded:
@@ -151,8 +152,20 @@ class FerryServer:
             self.guard.start()  # watches the auth file
         if self.config.http_port is not None:
             await self._start_http(self.config.http_port)
-        await asyncio.to_thread(self.repository.load_all)
+        await self.repository.load_startup()
         await self.update_health()
+        if self.config.model_control_mode == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
+
+    async def _poll(self) -> None:
+        """The poll mode: apply the repository's changes every ``repository_poll_secs``."""
+        while True:
+            await asyncio.sleep(self.config.repository_poll_secs)
+            try:
+                await self.repository.poll()
+                await self.update_health()
+            except Exception:  # a poll that failed is logged; the next one tries again
+                log.exception("repository poll failed")
 
     def _register(self, servicer: InferenceServicer, server: Any) -> None:
         """Every gRPC service Ferry serves, on either transport (both take generated code's registrations). With
@@ -244,6 +257,9 @@ class FerryServer:
         with contextlib.suppress(Exception):
             await self.update_health()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self._transport is not None:

@@ -13,6 +13,7 @@ from ferry.client.errors import InvalidArgument
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 TRANSPORTS = ("ferry", "grpcio")
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,23 @@ class ServerConfig:
     audit_sample_rate: float = 0.0
     """Fraction of allowed inference calls written to the audit log, in [0, 1]."""
 
+    model_control_mode: str = "none"
+    """Triton's model control modes. "none": load every model at start; load and unload requests are refused
+    (UNAVAILABLE). "explicit": load the ``load_models`` at start; load and unload requests change what serves.
+    "poll": load every model at start, then apply what changes in the repository every ``repository_poll_secs``
+    (load and unload requests are refused)."""
+
+    load_models: tuple[str, ...] = ()
+    """Models the explicit mode loads at start (``("*",)``: all of them; empty: none)."""
+
+    repository_poll_secs: float = 15.0
+    """Seconds between two polls of the repository in the poll mode (Triton's default: 15). A model directory is
+    applied once two polls in a row find its files unchanged (a file still being written waits)."""
+
+    model_load_threads: int = 4
+    """Threads that build and warm model versions: loads of different models run side by side, at most this many
+    (Triton's default: 4); loads of one model wait for each other."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +218,21 @@ class ServerConfig:
             raise InvalidArgument(f"audit_log_max_bytes must be >= 0, got {self.audit_log_max_bytes}")
         if not 0 <= self.audit_log_backups <= 1000:
             raise InvalidArgument(f"audit_log_backups must be in 0..1000, got {self.audit_log_backups}")
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            raise InvalidArgument(
+                f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, got {self.model_control_mode!r}"
+            )
+        if self.load_models and self.model_control_mode != "explicit":
+            raise InvalidArgument(
+                f"load_models {list(self.load_models)} needs model_control_mode explicit "
+                f"(the {self.model_control_mode} mode loads every model)"
+            )
+        if "*" in self.load_models and len(self.load_models) > 1:
+            raise InvalidArgument("load_models: '*' (all models) must be the only one named")
+        if not 0.1 <= self.repository_poll_secs <= 86400:  # NaN fails too
+            raise InvalidArgument(f"repository_poll_secs must be in 0.1..86400, got {self.repository_poll_secs}")
+        if not 1 <= self.model_load_threads <= 64:
+            raise InvalidArgument(f"model_load_threads must be in 1..64, got {self.model_load_threads}")
         if not self.model_repository.is_dir():
             raise InvalidArgument(f"model repository {str(self.model_repository)!r} is not a directory")
 

@@ -13,13 +13,14 @@ import grpc
 
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
-from ferry.client.errors import STATUS_CODE_PARAMETER, InvalidArgument, Unimplemented
+from ferry.client._proto import model_config_pb2 as mc
+from ferry.client.errors import STATUS_CODE_PARAMETER, InvalidArgument, Unavailable, Unimplemented
 from ferry.server import __version__
 from ferry.server.api.rpc import rpc, status_of
 from ferry.server.inference.cache import ResultCache
 from ferry.server.inference.call import Call, infer
 from ferry.server.inference.shadow import ShadowRunner
-from ferry.server.models.repository import ModelRepository
+from ferry.server.models.repository import CONTROL_REFUSED, ModelRepository, iso_time
 from ferry.server.observability.telemetry import NO_TRACING, Span, Tracing, current_span, restore, use
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.service_name = SERVICE_NAME
         self._is_ready = is_ready
         self._on_change = on_change
-        self._load_lock = asyncio.Lock()
 
     @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
@@ -108,7 +108,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=self._repository.resolve(request.name, request.version).config)
+        """The version's completed config, with its provenance added as ``parameters``: ``ferry.sha256`` (of the
+        model file), ``ferry.loaded_at`` (UTC, when the build finished loading and warming), ``ferry.model_file``.
+        Loading such a config back as an override drops these keys."""
+        version = self._repository.resolve(request.name, request.version)
+        config = mc.ModelConfig()
+        config.CopyFrom(version.config)
+        for key, value in (
+            ("ferry.sha256", version.sha256),
+            ("ferry.loaded_at", iso_time(version.loaded_at)),
+            ("ferry.model_file", str(version.path)),
+        ):
+            config.parameters[key].string_value = value
+        return pb.ModelConfigResponse(config=config)
 
     @rpc
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -215,23 +227,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            raise InvalidArgument(f"RepositoryModelLoad: parameters are not supported ({sorted(request.parameters)})")
-        async with self._load_lock:
-            model = await self._repository.load(request.model_name)
-            await self._on_change()
-        if not model.ready:
-            raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.errors}")
+        """Triton's load: ``config`` (a JSON ModelConfig used instead of config.pbtxt) and ``file:<path>`` (bytes
+        that replace the model directory's content for this load) parameters. A version that fails keeps its
+        serving build; the call then fails with the reasons (INVALID_ARGUMENT)."""
+        self._check_control("RepositoryModelLoad")
+        name = request.model_name
+        config, files = _load_parameters(request)
+        result = await self._repository.load(name, config, files)
+        await self._on_change()
+        if result.failures:
+            reasons = "; ".join(
+                f"{'model' if v is None else f'version {v}'}: {why}"
+                for v, why in sorted(result.failures.items(), key=lambda e: -1 if e[0] is None else e[0])
+            )
+            serving = sorted(result.model.versions)
+            raise InvalidArgument(f"model {name!r} failed to load ({reasons}); serving versions {serving}")
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        async with self._load_lock:
-            await self._repository.unload(request.model_name)
-            await self._on_change()
+        self._check_control("RepositoryModelUnload")
+        await self._repository.unload(request.model_name)
+        await self._on_change()
         return pb.RepositoryModelUnloadResponse()
+
+    def _check_control(self, method: str) -> None:
+        """Load and unload requests are taken in the explicit mode only (Triton's status and words)."""
+        if self._repository.control_mode != "explicit":
+            raise Unavailable(f"{method}: {CONTROL_REFUSED} (--model-control-mode {self._repository.control_mode})")
 
     SystemSharedMemoryStatus = _unimplemented("system shared memory")
     SystemSharedMemoryRegister = _unimplemented("system shared memory")
@@ -255,6 +280,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.TraceSettingResponse(settings={name: value(value=v) for name, v in current.items()})
 
     LogSettings = _unimplemented("log settings")
+
+
+def _load_parameters(request: pb.RepositoryModelLoadRequest) -> tuple[str | None, dict[str, bytes]]:
+    """``config`` (string) and ``file:<path>`` (bytes) parameters of a load request; any other is refused."""
+    config: str | None = None
+    files: dict[str, bytes] = {}
+    for key, param in request.parameters.items():
+        kind = param.WhichOneof("parameter_choice")
+        if key == "config":
+            if kind != "string_param":
+                raise InvalidArgument(f"RepositoryModelLoad: parameter 'config' must be a string, got {kind}")
+            config = param.string_param
+        elif key.startswith("file:"):
+            if kind != "bytes_param":
+                raise InvalidArgument(f"RepositoryModelLoad: parameter {key!r} must be bytes, got {kind}")
+            files[key.removeprefix("file:")] = param.bytes_param
+        else:
+            raise InvalidArgument(
+                f"RepositoryModelLoad: unknown parameter {key!r} (known: 'config', 'file:<version>/<file>')"
+            )
+    return config, files
 
 
 def _stream_error(request: pb.ModelInferRequest, err: Exception) -> pb.ModelStreamInferResponse:

@@ -15,6 +15,10 @@ How a batch forms (the knobs are Triton's ``dynamic_batching`` block):
 - A request whose deadline passed or whose caller went away is dropped while batches form, before the model sees it.
 - At most ``instances`` batches run at once; while they run, the queue fills and the next batch takes what came.
 - Admission is bounded: a full queue rejects at once with UNAVAILABLE, so memory stays bounded under any load.
+
+Two ways to stop: :meth:`Batcher.close` (server shutdown: queued requests fail with UNAVAILABLE, running batches
+finish) and :meth:`Batcher.drain` (a version swapped out or unloaded: everything queued or running is answered,
+then the batcher closes).
 """
 
 from __future__ import annotations
@@ -98,6 +102,9 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        self._busy = 0  # instances taken: by a running batch, or by the dispatcher forming one
+        self._draining = False
+        self._settled = asyncio.Event()  # while draining: set when nothing is queued and no instance is taken
         self._exec_estimate_s = 0.0  # moving average of batch run time, to leave room before deadlines
         # A lone request may skip the queue only when no window would hold it back for company.
         self._runs_at_once = not policy.batching or policy.max_queue_delay_s == 0
@@ -155,6 +162,7 @@ class Batcher:
             if deadline is not None and now >= deadline:
                 raise _expired(self.name, item, now)
             await self._free.acquire()  # free, so this does not yield: nothing can take the slot first
+            self._take_instance()
             item.started = now
             await self._execute([item])
             return future.result(), 0.0
@@ -174,7 +182,10 @@ class Batcher:
         return priority - 1
 
     async def close(self) -> None:
-        """Stop: queued requests fail with UNAVAILABLE; batches already running finish and are answered."""
+        """Stop: queued requests fail with UNAVAILABLE; batches already running finish and are answered. A second
+        call (a drained batcher closed again by its version) returns at once."""
+        if self._closed:
+            return
         self._closed = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
@@ -188,6 +199,32 @@ class Batcher:
         for _ in range(self.policy.instances):  # and those run in their callers' tasks: every slot comes back
             await self._free.acquire()
 
+    async def drain(self) -> None:
+        """Answer everything queued or running, then close. New submissions are still taken while it drains: a
+        request that found this version before it was swapped out may reach :meth:`submit` a few loop turns
+        later (a stream's request task runs after the turn that resolved it), and it must be answered too. The
+        batcher closes once it has been settled (nothing queued, no instance taken) across three loop turns,
+        long enough for every task made before the swap to take its first step."""
+        self._draining = True
+        while True:
+            if self._queued or self._busy:
+                self._settled.clear()
+                await self._settled.wait()  # set by the last instance given back with nothing queued
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self._queued == 0 and self._busy == 0:
+                break
+        await self.close()
+
+    def _take_instance(self) -> None:
+        self._busy += 1
+
+    def _give_instance(self) -> None:
+        self._free.release()
+        self._busy -= 1
+        if self._draining and self._busy == 0 and self._queued == 0:
+            self._settled.set()
+
     async def _dispatch(self) -> None:
         while True:
             if self._queued == 0:
@@ -195,13 +232,14 @@ class Batcher:
                 await self._arrived.wait()
                 continue
             await self._free.acquire()
+            self._take_instance()
             try:
                 batch = await self._next_batch()
             except BaseException:  # cancelled by close() while a window was open: give the slot back
-                self._free.release()
+                self._give_instance()
                 raise
             if not batch:  # what was queued expired or was cancelled while we waited
-                self._free.release()
+                self._give_instance()
                 continue
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
@@ -313,7 +351,7 @@ class Batcher:
         finally:
             elapsed = self._clock() - started
             self._exec_estimate_s = 0.8 * self._exec_estimate_s + 0.2 * elapsed
-            self._free.release()
+            self._give_instance()
 
 
 def _fail(item: Pending, error: FerryError) -> None:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from opentelemetry.trace import Link, SpanContext
 
 from ferry.client._proto import model_config_pb2 as mc
-from ferry.client.errors import Internal, InvalidArgument, Unavailable
+from ferry.client.errors import FerryError, Internal, InvalidArgument, Unavailable
 from ferry.server.config import GRAPH_OPTIMIZATION_LEVELS, ServerConfig
 from ferry.server.models.batching import Batcher, BatchPolicy
 from ferry.server.models.executor import ModelExecutor
@@ -33,6 +33,7 @@ from ferry.server.models.modelconfig import (
 )
 from ferry.server.models.preprocess import Pipeline
 from ferry.server.models.routing import PARAMETERS as ROUTING_PARAMETERS
+from ferry.server.models.warmup import warmup_samples
 from ferry.server.observability.driftconfig import PARAMETERS as DRIFT_PARAMETERS
 from ferry.server.observability.monitoring import Monitoring, VersionMonitor
 from ferry.server.observability.outcomes import PARAMETERS as OUTCOME_PARAMETERS
@@ -215,8 +216,10 @@ class ModelVersion:
         self.config = config
         self.path = path
         self.sha256 = sha256
-        self.loaded_at = time.time()
+        self.loaded_at = time.time()  # when it finished loading (set again once warmed: when it could serve)
         self.load_seconds = load_seconds
+        self.warmup_seconds = 0.0
+        self.warmup_runs = 0
         self.max_batch_size = config.max_batch_size
         self.inputs, self.outputs = tensor_specs(config)
         self.input_by_name: dict[str, TensorSpec] = {t.name: t for t in self.inputs}
@@ -266,13 +269,36 @@ class ModelVersion:
         if pipeline is not None:
             pipeline.warmup()  # compile or load the kernels now: the first request must not pay for it
         sha256 = sha256_of(path)
-        monitor = VersionMonitor.load(done, path.parent.parent, version, sha256, monitoring or Monitoring())
         load_seconds = time.perf_counter() - start
         loaded = cls(
             done, version, path, session, sha256, load_seconds, policy, tracing, pipeline, server.inline_run_us
         )
-        loaded.monitor = monitor
+        try:
+            loaded.warm(path.parent.parent)  # before the monitor: warmup data is not traffic (drift, predictions)
+            loaded.monitor = VersionMonitor.load(done, path.parent.parent, version, sha256, monitoring or Monitoring())
+        except BaseException:
+            loaded._executor.shutdown()  # its threads would outlive the failed load
+            raise
+        loaded.load_seconds = time.perf_counter() - start
+        loaded.loaded_at = time.time()
         return loaded
+
+    def warm(self, model_dir: Path) -> None:
+        """Run the warmup samples (blocking, on the loading thread): ``model_warmup``, or Ferry's default. Each run
+        counts in the version's statistics, as a request's batch would. A failing run fails the load."""
+        began = time.perf_counter()
+        runs = 0
+        for sample in warmup_samples(self.config, self.inputs, model_dir):
+            for _ in range(sample.count):
+                try:
+                    self._finished([None], *self._run_sync([sample.feeds]))
+                except Exception as err:
+                    message = err.message if isinstance(err, FerryError) else str(err)
+                    raise InvalidArgument(f"{self.describe()}: warmup {sample.name!r} failed: {message}") from None
+                runs += 1
+        self.warmup_runs = runs
+        self.warmup_seconds = time.perf_counter() - began
+        log.info("warmed %s: %d runs in %.3fs", self.describe(), runs, self.warmup_seconds)
 
     @property
     def queued(self) -> int:
@@ -401,6 +427,12 @@ class ModelVersion:
     def discard(self) -> None:
         """Release a version that loaded but was never published (it served nothing): its worker threads."""
         self._executor.shutdown()
+
+    async def retire(self) -> None:
+        """Swapped out or unloaded: answer everything queued or running (and what reaches it while it drains),
+        then close."""
+        await self._batcher.drain()
+        await self.close()
 
     async def close(self) -> None:
         """Fail queued requests, let running batches finish, then stop the executor."""

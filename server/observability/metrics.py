@@ -50,6 +50,12 @@ METRICS = (
     MetricDoc("ferry_model_ready", "gauge", "1 if the model version is loaded and serving, else 0."),
     MetricDoc("ferry_inflight_requests", "gauge", "Inference requests being handled by the server."),
     MetricDoc("ferry_route_requests", "counter", "Requests by the route to their version (and shadow runs)."),
+    MetricDoc("ferry_model_version_info", "gauge", "1 per serving version: the sha256 of the file it serves."),
+    MetricDoc("ferry_model_load_timestamp_seconds", "gauge", "When the serving build finished loading (Unix time)."),
+    MetricDoc("ferry_model_warmup_seconds", "gauge", "Time the serving build's warmup took."),
+    MetricDoc(
+        "ferry_model_load_failed", "gauge", "1 when the last load of this version failed and an earlier build serves."
+    ),
 )
 _DOC = {m.name: m for m in METRICS}
 
@@ -78,10 +84,16 @@ class FerryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # One family per name (the text format allows one HELP/TYPE block each): the two with other labels apart.
-        own_labels = ("ferry_inflight_requests", "ferry_inference_request_failure", "ferry_route_requests")
+        own_labels = (
+            "ferry_inflight_requests",
+            "ferry_inference_request_failure",
+            "ferry_route_requests",
+            "ferry_model_version_info",
+        )
         f = {doc.name: _family(doc.name, LABELS) for doc in METRICS if doc.name not in own_labels}
         failure = _family("ferry_inference_request_failure", [*LABELS, "code"])
         routes = _family("ferry_route_requests", [*LABELS, "route"])
+        info = _family("ferry_model_version_info", [*LABELS, "sha256"])
         histograms = {
             "ferry_request_duration_seconds": ("request_hist", 1e9),
             "ferry_queue_duration_seconds": ("queue_hist", 1e9),
@@ -97,6 +109,11 @@ class FerryCollector(Collector):
                 labels = [model.name, str(number)]
                 stats = mv.stats
                 f["ferry_model_ready"].add_metric(labels, 1)
+                info.add_metric([*labels, mv.sha256], 1)
+                f["ferry_model_load_timestamp_seconds"].add_metric(labels, mv.loaded_at)
+                f["ferry_model_warmup_seconds"].add_metric(labels, mv.warmup_seconds)
+                failed = number in model.failed or None in model.failed
+                f["ferry_model_load_failed"].add_metric(labels, 1 if failed else 0)
                 f["ferry_inference_request_success"].add_metric(labels, stats.success.count)
                 for code, count in sorted(stats.failures.items()):
                     failure.add_metric([*labels, code], count)
@@ -117,6 +134,7 @@ class FerryCollector(Collector):
         yield from f.values()
         yield failure
         yield routes
+        yield info
         in_flight = _family("ferry_inflight_requests", [])
         in_flight.add_metric([], self._in_flight())
         yield in_flight

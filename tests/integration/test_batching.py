@@ -42,7 +42,7 @@ def repository(example_repo: Path, root: Path, configs: dict[str, str]) -> Path:
 @pytest.fixture(scope="module")
 def server(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
     root = repository(example_repo, tmp_path_factory.mktemp("batching"), {"mlp": MLP_BATCHED, "tiny": TINY_CACHED})
-    with background_server(root, http_port=None) as running:
+    with background_server(root, http_port=None, model_control_mode="explicit", load_models=("*",)) as running:
         yield running
 
 

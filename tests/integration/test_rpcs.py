@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -247,7 +248,10 @@ def test_statistics_count_successes_and_failures(stub: pb_grpc.GRPCInferenceServ
 def test_repository_index_reports_failures_with_reasons(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     index = stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
     states = {(m.name, m.version): (m.state, m.reason) for m in index}
-    assert states[("add", "1")] == ("READY", "")
+    # a serving version's reason is its provenance: the model file's sha256 and when the build was ready
+    assert states[("add", "1")][0] == "READY" and re.fullmatch(
+        r"sha256=[0-9a-f]{64} loaded_at=\S+Z", states[("add", "1")][1]
+    )
     assert states[("scale", "3")][0] == "READY" and ("scale", "1") not in states
     assert states[("broken", "1")][0] == "UNAVAILABLE" and "onnxruntime cannot load" in states[("broken", "1")][1]
     assert states[("badconfig", "")][0] == "UNAVAILABLE" and "config.pbtxt" in states[("badconfig", "")][1]
@@ -312,7 +316,11 @@ def test_load_and_unload_a_model(test_repo: Path, tmp_path: Path) -> None:
     import shutil
 
     shutil.copytree(test_repo / "scale", tmp_path / "scale")
-    with background_server(tmp_path, http_port=None) as running, grpc.insecure_channel(running.address) as channel:
+    explicit = {"model_control_mode": "explicit", "load_models": ("*",)}  # load/unload are refused in `none`
+    with (
+        background_server(tmp_path, http_port=None, **explicit) as running,
+        grpc.insecure_channel(running.address) as channel,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         updates: queue.Queue[int] = queue.Queue()

@@ -337,7 +337,7 @@ def test_load_unload_round_trip(example_repo: Path, tmp_path: Path, reference: R
     shutil.copytree(example_repo / "tiny", repo / "tiny")
     x = _rows(9, 2, 16)
     (expected,) = reference("tiny", 1, x)
-    with running_server(repo) as address:
+    with running_server(repo, model_control_mode="explicit", load_models=("tiny",)) as address:
         c = tc.InferenceServerClient(address)
         try:
             assert c.is_model_ready("tiny")
