@@ -89,7 +89,13 @@ def server(
     auth = root / "auth.json"
     auth.write_text(json.dumps(policy()))
     with background_server(
-        repo, transport=request.param, auth_config_path=auth, audit_log_path=root / "audit.jsonl", auth_poll_s=0.2
+        repo,
+        transport=request.param,
+        auth_config_path=auth,
+        audit_log_path=root / "audit.jsonl",
+        auth_poll_s=0.2,
+        model_control_mode="explicit",  # load and unload are part of the matrix
+        load_models=("*",),
     ) as running:
         yield running
 

@@ -187,7 +187,10 @@ def test_a_config_naming_a_version_that_is_not_loaded_fails_with_that_version(
 
 def test_a_reload_moves_a_label_and_refuses_one_naming_an_unloaded_version(tmp_path: Path) -> None:
     write_scale(tmp_path, "scale", ("version_labels", "canary=3"))
-    with background_server(tmp_path, http_port=None) as server, grpc.insecure_channel(server.address) as channel:
+    with (
+        background_server(tmp_path, http_port=None, model_control_mode="explicit", load_models=("*",)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
 
         def canary() -> str:
