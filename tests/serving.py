@@ -80,10 +80,15 @@ class FerryProcess:
     """``ferry serve ARGS`` in a subprocess, gRPC on a free port of 127.0.0.1 and HTTP off, for what only a process
     shows (RSS, CPU, signals); :meth:`start` returns once it is SERVING, :meth:`stop` sends SIGTERM (then kills)."""
 
-    def __init__(self, repository: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(
+        self, repository: Path, *args: str, log: Path | None = None, port: int = 0, http_port: int = -1
+    ) -> None:
+        """``port`` 0: a free port at each start; ``http_port`` -1: HTTP off."""
         self.repository = repository
         self.args = args
         self.log = log
+        self.port = port
+        self.http_port = http_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
@@ -92,14 +97,17 @@ class FerryProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> None:
-        port = free_port()
+    def start(self, wait: bool = True) -> None:
+        """Start the process; with ``wait``, return once it is SERVING."""
+        port = self.port or free_port()
         self.address = f"127.0.0.1:{port}"
         command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(self.repository)]
-        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "-1", *self.args]
+        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(self.http_port), *self.args]
         with contextlib.ExitStack() as files:
             err = files.enter_context(self.log.open("ab")) if self.log is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        if not wait:
+            return
         try:
             wait_serving(self.address, timeout_s=60)
         except BaseException:

@@ -120,14 +120,20 @@ class ModelRepository:
     def get_model(self, name: str) -> Model:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         return model
+
+    def _unknown(self, name: str) -> FerryError:
+        """While the initial load runs, a model not published yet may be one still loading: retryable."""
+        if not self.loaded:
+            return Unavailable(f"model {name!r} is loading")
+        return NotFound(f"unknown model {name!r}")
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names, or the highest loaded version when it names none."""
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         if not version:
             latest = model.latest
             if latest is None:

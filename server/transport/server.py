@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 import grpc
 
@@ -22,14 +23,35 @@ class Transport:
         self.connections: set[Connection] = set()
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
+        self._socket: socket.socket | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken."""
+        port = self.bind(host, port)
+        await self.listen()
+        return port
+
+    def bind(self, host: str, port: int) -> int:
+        """Take ``host:port`` without listening yet: connections are refused (not left hanging in a backlog) until
+        :meth:`listen`, so balancers pass a replica that is still loading by. Returns the port bound."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+        return int(sock.getsockname()[1])
+
+    async def listen(self) -> None:
+        """Accept connections on the address :meth:`bind` took."""
+        assert self._socket is not None, "bind() first"
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self), host.strip("[]"), port, reuse_address=True, backlog=1024
-        )
-        return int(self._server.sockets[0].getsockname()[1])
+        self._server = await loop.create_server(lambda: Connection(self), sock=self._socket, backlog=1024)
 
     def changed(self) -> None:
         if self._idle is not None and not any(c.streams for c in self.connections):
@@ -38,6 +60,9 @@ class Transport:
     async def stop(self, grace_s: float) -> None:
         """No new connections; GOAWAY on each; calls in flight get ``grace_s`` seconds, then are cancelled."""
         if self._server is None:
+            if self._socket is not None:  # bound, never listened
+                self._socket.close()
+                self._socket = None
             return
         self._server.close()
         self._idle = asyncio.Event()
