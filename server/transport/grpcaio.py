@@ -6,17 +6,27 @@ for yet waits in core's queue. ``Server.stop(grace)`` shuts core down, and core 
 once (the client sees CANCELLED, which it does not retry) whatever the grace: measured here, 17 of 300 calls sent
 1 s before ``stop(5)`` on a busy loop, 257 of 300 sent 0.2 s before, where calls already handed over finished.
 
-So :func:`stop` first closes admission (:class:`Admission`): the calls core started before that moment (core's
-count, from channelz) still run when they are handed over, later ones are answered UNAVAILABLE at once (clients
-retry them, elsewhere). It waits until grpc.aio has been handed every call core started, and only then lets
-``stop(grace)`` shut core down: what remains in flight is work already running, which gets the rest of the grace.
+And a call that reaches core after its shutdown began is cancelled too (CANCELLED): behind a balancer that opens
+connections as it pleases (nginx makes one per request), a few calls each time. grpc.aio has no way to stop
+accepting before the shutdown.
+
+So :func:`stop` first stops new connections: it shuts down the listening socket grpc-core holds (found among this
+process's file descriptors by its port; connections are refused from then on, which balancers and clients retry
+elsewhere), as Ferry's transport closes its listener first. Then it closes admission (:class:`Admission`): the
+calls core started before that moment (core's count, from channelz) still run when they are handed over, later
+ones (new streams on connections already open) are answered UNAVAILABLE at once, which clients retry. It waits
+until grpc.aio has been handed every call core started, and only then lets ``stop(grace)`` shut core down: what
+remains in flight is work already running, which gets the rest of the grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,8 +86,32 @@ def core_calls_started(port: int) -> int | None:
     return None
 
 
+def stop_listening(port: int) -> int:
+    """Shut down this process's listening TCP sockets on ``port`` (grpc-core's): connections are refused from now
+    on. Returns how many were found (0 where /proc is not there: then only core's shutdown stops accepting)."""
+    found = 0
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                sock = socket.socket(fileno=os.dup(int(name)))
+            except (OSError, ValueError):
+                continue  # not a socket (or gone)
+            with sock:
+                try:
+                    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    if listening and sock.type == socket.SOCK_STREAM and sock.getsockname()[1] == port:
+                        sock.shutdown(socket.SHUT_RDWR)  # on the shared socket: it leaves LISTEN
+                        found += 1
+                except (OSError, IndexError, TypeError):
+                    continue
+    return found
+
+
 async def stop(server: grpc.aio.Server, admission: Admission, port: int, grace_s: float) -> None:
-    """Close admission, wait (within ``grace_s``) until every call core started was handed over, then stop."""
+    """Stop new connections, close admission, wait (within ``grace_s``) until every call core started was handed
+    over, then stop."""
+    if not stop_listening(port):
+        log.debug("no listening socket of port %d found: grpc-core stops accepting at its shutdown", port)
     started = core_calls_started(port)
     admission.serve_until = admission.handed if started is None else started
     deadline = time.monotonic() + grace_s
@@ -92,4 +126,4 @@ async def stop(server: grpc.aio.Server, admission: Admission, port: int, grace_s
     await server.stop(max(deadline - time.monotonic(), 0.0))
 
 
-__all__ = ["SHUTTING_DOWN", "Admission", "core_calls_started", "stop"]
+__all__ = ["SHUTTING_DOWN", "Admission", "core_calls_started", "stop", "stop_listening"]
