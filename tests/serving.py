@@ -55,8 +55,9 @@ class BackgroundServer:
 
 
 def wait_serving(address: str, timeout_s: float = 30) -> None:
-    """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process opens its
-    port before its models have loaded, so NOT_SERVING is asked again until ``timeout_s``."""
+    """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process refuses
+    connections until its models have loaded (waited for), and a draining one says NOT_SERVING (asked again until
+    ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -83,9 +84,10 @@ class FerryProcess:
     def __init__(
         self, repository: Path, *args: str, log: Path | None = None, port: int = 0, http_port: int = -1
     ) -> None:
-        """``port`` 0: a free port at each start; ``http_port`` -1: HTTP off."""
+        """``port`` 0: a free port at each start; ``http_port`` -1: HTTP off. The drain delay is 0 unless ``args``
+        set it (test_drain tests it), so that stopping takes no longer than the calls in flight need."""
         self.repository = repository
-        self.args = args
+        self.args = args if "--drain-delay-s" in args else ("--drain-delay-s", "0", *args)
         self.log = log
         self.port = port
         self.http_port = http_port
