@@ -219,3 +219,35 @@ def test_with_ageing_a_long_lived_channel_spreads_to_a_replica_that_joins(
             assert counts[0] > before[0] and counts[1] > 0
         else:
             assert counts[1] == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("min_time_s", [5.0, 0.05])
+def test_a_grpc_client_pinging_too_often_is_sent_away_and_reconnects(
+    example_repo: Path, transport: str, min_time_s: float
+) -> None:
+    """A grpcio channel sending keepalive PINGs about every second (grpc-core's own floor), also without calls: the
+    server (minimum 5 s) ends its connection after the third strike, the channel makes a new one and its calls
+    still succeed. With a 0.05 s minimum the same channel keeps its one connection."""
+    keepalive = [
+        ("grpc.keepalive_time_ms", 200),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", 200),
+        ("grpc.http2.min_ping_interval_without_data_ms", 200),
+    ]
+    with (
+        background_server(example_repo, transport=transport, keepalive_min_time_s=min_time_s) as server,
+        proxy() as balancer,
+    ):
+        balancer.upstreams.append(server.address)
+        with grpc.insecure_channel(f"127.0.0.1:{balancer.port}", options=keepalive) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            call_for(stub, 0.1)
+            time.sleep(6.0)  # idle, pinging
+            call_for(stub, 0.1)
+        print(f"{transport}, keepalive minimum {min_time_s} s: {balancer.connections} connection(s)")
+        if min_time_s > 1:
+            assert balancer.connections >= 2
+        else:
+            assert balancer.connections == 1

@@ -110,6 +110,7 @@ def test_sigterm_under_load_drains_without_failing_a_call(example_repo: Path, tr
             server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
             while await asyncio.to_thread(http_ready, http) == 200:
                 await asyncio.sleep(0.01)
+            print(f"{transport}: HTTP ready 503 {time.monotonic() - signalled:.3f} s after SIGTERM (drain {DRAIN_S} s)")
             # not ready, yet a new connection is accepted and served: health says NOT_SERVING, inference answers
             async with grpc.aio.insecure_channel(server.address) as fresh:
                 health = await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest(), timeout=10)
