@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODELS := examples/models
 PYTEST_ARGS ?=
 
-.PHONY: setup models run test lint protos bench perf-deps interop-deps clean
+.PHONY: setup models run test lint protos bench perf-deps nginx-deps interop-deps clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,16 @@ perf-deps:
 	  else echo "note: could not install libb64-0d (needs root and a working apt): perf_analyzer tests will skip" \
 	       "(fail under CI=true)"; fi; }
 
+# nginx (Debian's), the real L7 gRPC balancer in front of replicas in tests/integration/test_fleet.py: installed here
+# when we can, as libb64 is; when we cannot, that test skips, saying why (under CI=true it fails instead).
+nginx-deps:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	     (timeout 300 apt-get update -qq && \
+	      timeout 600 apt-get install -y -qq -o DPkg::Lock::Timeout=300 nginx) >/dev/null 2>&1; then :; \
+	  else echo "note: could not install nginx (needs root and a working apt): the fleet test will skip" \
+	       "(fail under CI=true)"; fi; }
+
 # The Node client of the interop tests (@grpc/grpc-js, pinned by tests/interop/package-lock.json); reinstalled
 # when the lock file changes. Without npm the Node interop tests skip (and fail under CI=true).
 interop-deps: tests/interop/node_modules/.installed
@@ -43,7 +53,7 @@ tests/interop/node_modules/.installed: tests/interop/package-lock.json
 	  cd tests/interop && npm ci --silent --ignore-scripts --no-audit --no-fund && touch node_modules/.installed; \
 	else echo "note: npm missing: the @grpc/grpc-js interop tests will skip (fail under CI=true)"; fi
 
-test: models perf-deps interop-deps
+test: models perf-deps nginx-deps interop-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

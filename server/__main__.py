@@ -77,7 +77,39 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prediction-log-backups", type=int, default=5, help="rotated logs kept")
     s.add_argument("--outcome-window", type=int, default=1000, help="outcomes in the live accuracy window")
     s.add_argument("--strict-readiness", action="store_true", help="not ready while any model failed to load")
-    s.add_argument("--shutdown-grace-s", type=float, default=5.0, help="drain time on SIGINT/SIGTERM, in seconds")
+    s.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=5.0,
+        help="on SIGINT/SIGTERM: not ready at once, but keep accepting and serving this long, in seconds",
+    )
+    s.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=5.0,
+        help="after the drain delay: time in-flight and queued calls get to finish, in seconds",
+    )
+    s.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=0.0,
+        help="GOAWAY to gRPC connections older than this (±10%%), so clients spread over replicas; 0 = never",
+    )
+    s.add_argument(
+        "--max-connection-age-grace-s",
+        type=float,
+        default=30.0,
+        help="calls on an aged connection still running this long after its GOAWAY are cancelled",
+    )
+    s.add_argument(
+        "--keepalive-min-time-s",
+        type=float,
+        default=300.0,
+        help="least interval of a client's PINGs while nothing is sent to it; more often: GOAWAY too_many_pings",
+    )
+    s.add_argument(
+        "--idle-timeout-s", type=float, default=0.0, help="close gRPC connections with no call this long; 0 = never"
+    )
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     s.add_argument(
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
@@ -180,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome_window=args.outcome_window,
             strict_readiness=args.strict_readiness,
             shutdown_grace_s=args.shutdown_grace_s,
+            drain_delay_s=args.drain_delay_s,
+            max_connection_age_s=args.max_connection_age_s,
+            max_connection_age_grace_s=args.max_connection_age_grace_s,
+            keepalive_min_time_s=args.keepalive_min_time_s,
+            idle_timeout_s=args.idle_timeout_s,
             use_uvloop=not args.no_uvloop,
             loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
             http_max_connections=args.http_max_connections,

@@ -3,6 +3,17 @@ HTTP/2 transport (:mod:`ferry.server.transport`) or, with ``transport="grpcio"``
 
 Creating the server (:meth:`FerryServer.start`, which returns once models are loaded and the ports are bound) is
 separate from running it until a signal (:func:`serve`), so tests start it on port 0 and stop it in ``finally``.
+
+Start before serve: the gRPC port is bound at once (a port in use fails the start before any model loads) but
+accepts connections only once the initial load finished; until then a connection is refused, so nginx, Envoy and
+gRPC's own round_robin pass the replica by as they do a stopped one. HTTP opens first (live 200, ready 503); a
+request that reaches the server while it loads for a model it does not know yet is answered UNAVAILABLE ("model
+'x' is loading", retryable), never NOT_FOUND.
+
+Drain (:func:`serve`, on SIGTERM or SIGINT): readiness false at once (HTTP ready 503, gRPC health NOT_SERVING,
+ServerReady false); the listeners go on accepting and serving for ``drain_delay_s``; then GOAWAY, no new
+connections, and calls in flight and queued get ``shutdown_grace_s`` to finish; exit 0. A second signal exits at
+once, with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -11,7 +22,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -43,7 +56,7 @@ from ferry.server.security.audit import AuditLog
 from ferry.server.security.guard import Guard
 from ferry.server.security.guard import metric_families as security_metric_families
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
-from ferry.server.transport import Limits, Services, Transport
+from ferry.server.transport import Limits, Services, Transport, grpcaio
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +131,8 @@ class FerryServer:
         self._http_runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._transport: Transport | None = None
+        self._grpc_socket: socket.socket | None = None  # holds the grpcio port until grpc.aio listens on it
+        self._grpc_servicer: InferenceServicer | None = None
         self._models_with_health: set[str] = set()
         self._poller: asyncio.Task[None] | None = None
 
@@ -127,7 +142,8 @@ class FerryServer:
         return not self.config.strict_readiness or all(m.ready for m in self.repository.models())
 
     async def start(self) -> None:
-        """Bind the ports, load every model, then report SERVING. Raises if a port cannot be bound."""
+        """Bind the ports, load every model, then accept gRPC connections and report SERVING. Raises if a port cannot
+        be bound (before loading anything)."""
         self.monitoring.loop = asyncio.get_running_loop()
         self.loopwatch.start()  # first, so stalls while models load are seen too
         servicer = InferenceServicer(
@@ -143,10 +159,7 @@ class FerryServer:
             self.tls.start()
         elif not _loopback(self.config.host):
             log.warning("listening on %s without TLS: calls and models travel in plaintext", self.config.host)
-        if self.config.transport == "ferry":
-            await self._start_ferry_transport(servicer)
-        else:
-            await self._start_grpcio(servicer)
+        self._bind_grpc(servicer)
         await self.update_health()  # NOT_SERVING while models load
         if self.guard is not None:
             self.guard.start()  # watches the auth file
@@ -154,6 +167,7 @@ class FerryServer:
             await self._start_http(self.config.http_port)
         await self.repository.load_startup()
         await self.update_health()
+        await self._listen_grpc()
         if self.config.model_control_mode == "poll":
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository poll")
 
@@ -166,6 +180,34 @@ class FerryServer:
                 await self.update_health()
             except Exception:  # a poll that failed is logged; the next one tries again
                 log.exception("repository poll failed")
+
+    def _bind_grpc(self, servicer: InferenceServicer) -> None:
+        """Take the gRPC port, not yet accepting (see the module docstring: start before serve)."""
+        address = f"{self.config.host}:{self.config.grpc_port}"
+        try:
+            if self.config.transport == "ferry":
+                self._transport = self._ferry_transport(servicer)
+                self.grpc_port = self._transport.bind(self.config.host, self.config.grpc_port)
+            else:
+                # grpc-core may listen from add_insecure_port on: the port is held here (SO_REUSEPORT, as grpc-core
+                # binds it) and handed to grpc.aio once the models are loaded
+                self._grpc_servicer = servicer
+                self._grpc_socket = _reserve(self.config.host, self.config.grpc_port)
+                self.grpc_port = int(self._grpc_socket.getsockname()[1])
+        except OSError as err:
+            raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
+
+    async def _listen_grpc(self) -> None:
+        if self._transport is not None:
+            tls = self.tls.listener_context(GRPC_ALPN) if self.tls is not None else None
+            await self._transport.listen(tls)
+        elif self._grpc_servicer is not None:
+            try:
+                await self._start_grpcio(self._grpc_servicer)
+            finally:
+                if self._grpc_socket is not None:
+                    self._grpc_socket.close()
+                    self._grpc_socket = None
 
     def _register(self, servicer: InferenceServicer, server: Any) -> None:
         """Every gRPC service Ferry serves, on either transport (both take generated code's registrations). With
@@ -182,35 +224,48 @@ class FerryServer:
             reflection.aio.ReflectionServicer(services, pool=reflection_pool()), server
         )
 
-    async def _start_ferry_transport(self, servicer: InferenceServicer) -> None:
+    def _ferry_transport(self, servicer: InferenceServicer) -> Transport:
         services = Services()
         self._register(servicer, services)
+        config = self.config
         limits = Limits(
-            max_message_bytes=self.config.max_message_bytes, max_concurrent_streams=self.config.max_pending_calls
+            max_message_bytes=config.max_message_bytes,
+            max_concurrent_streams=config.max_pending_calls,
+            max_connection_age_s=config.max_connection_age_s,
+            max_connection_age_grace_s=config.max_connection_age_grace_s,
+            keepalive_min_time_s=config.keepalive_min_time_s,
+            idle_timeout_s=config.idle_timeout_s,
         )
-        self._transport = Transport(services, limits)
-        address = f"{self.config.host}:{self.config.grpc_port}"
-        try:
-            tls = self.tls.listener_context(GRPC_ALPN) if self.tls is not None else None
-            self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port, tls)
-        except OSError as err:
-            raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
+        return Transport(services, limits)
+
+    def _grpcio_options(self) -> list[tuple[str, int]]:
+        config = self.config
+        limit, pending = config.max_message_bytes, config.max_pending_calls
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # soft == hard: no random early drops below the bound (see ServerConfig.max_pending_calls)
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending),
+            # keepalive enforcement as on Ferry's transport (transport/limits.py): pings with or without calls
+            ("grpc.http2.min_ping_interval_without_data_ms", round(config.keepalive_min_time_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_ping_strikes", 2),
+            # a TLS handshake (or a plaintext connection's HTTP/2 setup) not done by then is closed
+            ("grpc.server_handshake_timeout_ms", round(Limits().tls_handshake_timeout_s * 1000)),
+        ]
+        if config.max_connection_age_s:  # gRFC A9; grpc-core adds the ±10% jitter itself
+            options.append(("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)))
+            options.append(("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)))
+        if config.idle_timeout_s:
+            options.append(("grpc.max_connection_idle_ms", round(config.idle_timeout_s * 1000)))
+        return options
 
     async def _start_grpcio(self, servicer: InferenceServicer) -> None:
-        limit, pending = self.config.max_message_bytes, self.config.max_pending_calls
-        self._grpc = server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                # soft == hard: no random early drops below the bound (see ServerConfig.max_pending_calls)
-                ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", pending),
-                # a TLS handshake (or a plaintext connection's HTTP/2 setup) not done by then is closed
-                ("grpc.server_handshake_timeout_ms", int(Limits().tls_handshake_timeout_s * 1000)),
-            ]
-        )
+        self._admission = grpcaio.Admission()
+        self._grpc = server = grpc.aio.server(options=self._grpcio_options(), interceptors=[self._admission])
         self._register(servicer, server)
-        address = f"{self.config.host}:{self.config.grpc_port}"
+        address = f"{self.config.host}:{self.grpc_port}"
         try:
             if self.tls is not None:
                 self.grpc_port = server.add_secure_port(address, self.tls.grpc_credentials())
@@ -251,6 +306,11 @@ class FerryServer:
             await self._health.set(name, SERVING if model.ready and not self._draining else NOT_SERVING)
         self._models_with_health |= set(models)
 
+    async def drain(self) -> None:
+        """Not ready from now on (HTTP ready 503, gRPC health NOT_SERVING, ServerReady false); still serving."""
+        self._draining = True
+        await self.update_health()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop taking calls, give in-flight ones ``grace_s`` to finish, then release the models."""
         self._draining = True
@@ -261,9 +321,12 @@ class FerryServer:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await grpcaio.stop(self._grpc, self._admission, self.grpc_port, grace)
         if self._transport is not None:
             await self._transport.stop(grace)
+        if self._grpc_socket is not None:
+            self._grpc_socket.close()
+            self._grpc_socket = None
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.shadows.close()
@@ -307,13 +370,37 @@ class FerryServer:
         return f"ferry ready: grpc={self.config.host}:{self.grpc_port} http={http} models={ready}/{len(models)} ready"
 
 
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: a free port), not listening, that grpc-core may bind too (SO_REUSEPORT)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then drain. Prints one line when ready."""
+    """Run a server until SIGINT or SIGTERM, then drain (see the module docstring). Prints one line when ready."""
     server = FerryServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # the second signal: no more waiting
+            log.warning("%s again: exiting at once", sig.name)
+            logging.shutdown()
+            os._exit(128 + sig.value)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     reloads: set[asyncio.Task[None]] = set()
 
     def reload() -> None:
@@ -324,9 +411,16 @@ async def serve(config: ServerConfig) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await server.start()
-        print(server.ready_line(), flush=True)
-        await stop.wait()
-        log.info("stopping: draining in-flight calls for up to %.1fs", config.shutdown_grace_s)
+        if not stop.is_set():  # a signal while loading: never ready, so no one to tell by draining
+            print(server.ready_line(), flush=True)
+            await stop.wait()
+            await server.drain()
+            log.info(
+                "stopping: not ready; serving %.1fs more, then in-flight calls get up to %.1fs",
+                config.drain_delay_s,
+                config.shutdown_grace_s,
+            )
+            await asyncio.sleep(config.drain_delay_s)
     finally:
         await server.stop()
 

@@ -98,6 +98,9 @@ class RawConn:
         self.window_updates: list[tuple[int, int]] = []
         self.pings: list[bytes] = []  # payloads of PING ACKs
         self.goaway: tuple[int, int, bytes] | None = None  # last stream id, error code, debug data
+        self.goaways: list[tuple[int, int, bytes]] = []  # every GOAWAY, in order
+        self.server_pings: list[bytes] = []  # PINGs the server sent (not ACKs)
+        self.ack_pings = True  # answer the server's PINGs
         self.goaway_at: float | None = None  # when it arrived (time.monotonic)
         self.eof = False
         self.next_id = 1
@@ -247,11 +250,16 @@ class RawConn:
                 self.settings.update(SETTING.iter_unpack(payload))
                 self.send(frame(SETTINGS, ACK, 0))
         elif kind == PING:
-            assert flags & ACK, "the server never pings first"
-            self.pings.append(payload)
+            if flags & ACK:
+                self.pings.append(payload)
+            else:  # the server pings only after a GOAWAY that asks us to go away (gRFC A9): answered, recorded
+                self.server_pings.append(payload)
+                if self.ack_pings:
+                    self.send(frame(PING, ACK, 0, payload))
         elif kind == GOAWAY:
             self.goaway = (U32.unpack_from(payload)[0] & 0x7FFFFFFF, U32.unpack_from(payload, 4)[0], payload[8:])
             self.goaway_at = time.monotonic()
+            self.goaways.append(self.goaway)
         elif kind == WINDOW_UPDATE:
             self.window_updates.append((sid, U32.unpack(payload)[0]))
         else:

@@ -64,9 +64,9 @@ class BackgroundServer:
 
 
 def wait_serving(address: str, timeout_s: float = 30, credentials: grpc.ChannelCredentials | None = None) -> None:
-    """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process opens its
-    port before its models have loaded, so NOT_SERVING is asked again until ``timeout_s``. ``credentials``: for a
-    server with TLS."""
+    """Block until the gRPC health service says SERVING (never by reading logs). A ``ferry serve`` process refuses
+    connections until its models have loaded (waited for), and a draining one says NOT_SERVING (asked again until
+    ``timeout_s``). ``credentials``: for a server with TLS."""
     deadline = time.monotonic() + timeout_s
     channel_of = grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
     with channel_of as channel:
@@ -96,12 +96,19 @@ class FerryProcess:
         repository: Path,
         *args: str,
         log: Path | None = None,
+        port: int = 0,
+        http_port: int = -1,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """``port`` 0: a free port at each start; ``http_port`` -1: HTTP off. The drain delay is 0 unless ``args``
+        set it (test_drain tests it), so that stopping takes no longer than the calls in flight need.
+        ``credentials``: for a server with TLS."""
         self.repository = repository
-        self.credentials = credentials  # for a server with TLS
-        self.args = args
+        self.credentials = credentials
+        self.args = args if "--drain-delay-s" in args else ("--drain-delay-s", "0", *args)
         self.log = log
+        self.port = port
+        self.http_port = http_port
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
@@ -110,14 +117,17 @@ class FerryProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> None:
-        port = free_port()
+    def start(self, wait: bool = True) -> None:
+        """Start the process; with ``wait``, return once it is SERVING."""
+        port = self.port or free_port()
         self.address = f"127.0.0.1:{port}"
         command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(self.repository)]
-        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "-1", *self.args]
+        command += ["--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", str(self.http_port), *self.args]
         with contextlib.ExitStack() as files:
             err = files.enter_context(self.log.open("ab")) if self.log is not None else subprocess.DEVNULL
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        if not wait:
+            return
         try:
             wait_serving(self.address, timeout_s=60, credentials=self.credentials)
         except BaseException:

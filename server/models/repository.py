@@ -340,15 +340,21 @@ class ModelRepository:
     def get_model(self, name: str) -> Model:
         model = self._models.get(name) if self._sees(name) else None
         if model is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         return model
+
+    def _unknown(self, name: str) -> FerryError:
+        """While the initial load runs, a model not published yet may be one still loading: retryable."""
+        if not self.loaded:
+            return Unavailable(f"model {name!r} is loading")
+        return NotFound(f"unknown model {name!r}")
 
     def resolve(self, name: str, version: str = "") -> ModelVersion:
         """The version a request names (a number or one of the model's version labels), or the highest loaded
         version when it names none."""
-        model = self._models.get(name) if self._visible is None or self._visible(name) else None
+        model = self._models.get(name) if self._sees(name) else None
         if model is None:
-            raise NotFound(f"unknown model {name!r}")
+            raise self._unknown(name)
         if not version:
             latest = model.latest
             if latest is None:

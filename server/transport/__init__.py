@@ -56,7 +56,12 @@ HTTP/2 as a server must speak it, and the limits that keep one client from hurti
 - reply headers: ``content-type`` and ``grpc-status: 0`` indexed in the client's HPACK table (a reply's headers and
   trailers take 2 bytes where they took ~34);
 - shutdown (:meth:`Transport.stop`): no new connections, GOAWAY on each (streams the client opens later are
-  refused), in-flight calls get the grace period, then are cancelled and the connections closed.
+  refused), in-flight calls get the grace period, then are cancelled and the connections closed; the port can be
+  bound before it listens (:meth:`Transport.bind`, :meth:`Transport.listen`: refused, not hanging, meanwhile);
+- connection age, keepalive and idle (gRFC A9, grpc-core's enforcement): an aged or idle connection gets
+  grpc-core's two-step GOAWAY (last stream id 2^31-1 and a PING, the final one at its ACK) and closes once its
+  calls are done; PINGs sooner than ``keepalive_min_time_s`` while we sent nothing are strikes, the third ends
+  the connection (ENHANCE_YOUR_CALM ``too_many_pings``).
 
 - TLS (``Transport.start(..., tls=context)``, the context from :mod:`ferry.server.security.tls`, which also reloads
   it): asyncio's TLS, TLS 1.2 at least; a handshake not completed within ``tls_handshake_timeout_s`` is closed, and so

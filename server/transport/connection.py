@@ -14,6 +14,8 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import math
+import random
 import ssl
 import time
 import zlib
@@ -71,6 +73,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ferry.server.transport")
 
 ENCODINGS = "identity,deflate,gzip"
+LAST_STREAM_ID = (1 << 31) - 1
+GOAWAY_PING = b"ferry-ga"  # the PING after the first GOAWAY of a graceful one (gRFC A9, as grpc-core does)
 
 
 class Connection(Output, asyncio.Protocol):
@@ -98,6 +102,13 @@ class Connection(Output, asyncio.Protocol):
         self.top_credit = 0  # the most credit any stream was given: a bound on every stream's
         self.ssl_object: ssl.SSLObject | None = None  # under TLS: the connection's, once its handshake completed
         self._auth: AuthContext | None = None
+        self.strikes = 0  # PINGs too soon after the last one while we sent nothing (keepalive enforcement)
+        self.last_ping = -math.inf  # loop time of the client's last PING
+        self.retiring = False  # asked to go away (age, idle): closed once its streams are done
+        self.idle_since = 0.0  # loop time the last stream ended (or the connection opened)
+        self.age_timer: asyncio.TimerHandle | None = None  # the age, then the age grace
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.final_timer: asyncio.TimerHandle | None = None  # the final GOAWAY, if the PING's ACK is late
 
     # --- connection ------------------------------------------------------------------------------------------------
 
@@ -126,6 +137,11 @@ class Connection(Output, asyncio.Protocol):
         grow = frame(WINDOW_UPDATE, 0, 0, U32.pack(limits.connection_window_bytes - 65_535))
         self.transport.write(frame(SETTINGS, 0, 0, ours) + grow)
         self.preface_timer = self.loop.call_later(limits.preface_timeout_s, self._no_preface)
+        if limits.max_connection_age_s:  # jitter: connections made together do not all go away together
+            self.age_timer = self.loop.call_later(limits.max_connection_age_s * random.uniform(0.9, 1.1), self._aged)
+        if limits.idle_timeout_s:
+            self.idle_since = self.loop.time()
+            self.idle_timer = self.loop.call_later(limits.idle_timeout_s, self._idle_check)
 
     def _no_preface(self) -> None:
         if not self.started and self.transport is not None:
@@ -140,8 +156,9 @@ class Connection(Output, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self.server.connections.discard(self)
-        if self.preface_timer is not None:
-            self.preface_timer.cancel()
+        for timer in (self.preface_timer, self.age_timer, self.idle_timer, self.final_timer):
+            if timer is not None:
+                timer.cancel()
         for stream in list(self.streams.values()):
             self.drop(stream)
         self.streams.clear()
@@ -252,7 +269,71 @@ class Connection(Output, asyncio.Protocol):
         """Graceful shutdown: streams up to the last one opened are served, later ones refused."""
         if not self.goaway_sent and self.transport is not None:
             self.goaway_sent = True
+            if self.final_timer is not None:
+                self.final_timer.cancel()
             self.emit(frame(GOAWAY, 0, 0, U32.pack(self.last_stream) + U32.pack(NO_ERROR)))
+            if self.retiring and not self.streams:
+                self.loop.call_soon(self.close)  # after the GOAWAY is written (emit flushes first)
+
+    def retire(self, reason: str) -> None:
+        """Ask the client to go away without losing a call (gRFC A9, grpc-core's two-step GOAWAY): GOAWAY with the
+        last stream id 2^31-1 (streams in flight towards us are still served) and a PING; at its ACK (a round trip:
+        every stream the client opened before it has arrived) the final GOAWAY names the last stream opened. The
+        connection closes once its streams are done."""
+        if self.retiring or self.goaway_sent or self.transport is None:
+            return
+        log.debug("gRPC connection from %s goes away: %s", self.peer, reason)
+        self.retiring = True
+        first = U32.pack(LAST_STREAM_ID) + U32.pack(NO_ERROR) + reason.encode()
+        self.emit(frame(GOAWAY, 0, 0, first) + frame(PING, 0, 0, GOAWAY_PING))
+        self.final_timer = self.loop.call_later(self.limits.goaway_ping_timeout_s, self.going_away)
+
+    def _aged(self) -> None:
+        self.retire("max_age")
+        self.age_timer = self.loop.call_later(self.limits.max_connection_age_grace_s, self._age_grace_over)
+
+    def _age_grace_over(self) -> None:
+        """Calls still running after the age grace are ended (UNAVAILABLE: retryable) and the connection closed."""
+        self.age_timer = None
+        self.going_away()
+        for stream in list(self.streams.values()):
+            self.end(stream, grpc.StatusCode.UNAVAILABLE, "the connection reached its maximum age")
+            self.drop(stream)
+        self.write_out()
+        self.close()
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.transport is None or self.retiring or self.goaway_sent:
+            return
+        idle, now = self.limits.idle_timeout_s, self.loop.time()
+        if not self.streams and now - self.idle_since >= idle:
+            self.retire("idle")
+            return
+        due = now + idle if self.streams else self.idle_since + idle
+        self.idle_timer = self.loop.call_at(due, self._idle_check)
+
+    def _ping(self, flags: int, payload: bytes) -> None:
+        """A PING: an ACK (ours after a GOAWAY moves the shutdown on), or the client's, answered. A PING while we
+        sent nothing since the last one spends the control budget, and one sooner than ``keepalive_min_time_s``
+        after it is a strike (gRPC's keepalive enforcement); PINGs beside our replies are free (BDP probes)."""
+        if flags & ACK:
+            self._cheap("PINGs")
+            if payload == GOAWAY_PING and self.retiring:
+                self.going_away()
+            return
+        if self.sent:
+            self.strikes = 0
+        else:
+            self._cheap("PINGs")
+            now = self.loop.time()
+            if now - self.last_ping < self.limits.keepalive_min_time_s:
+                self.strikes += 1
+                if self.strikes > self.limits.max_ping_strikes:
+                    raise ProtocolError(ENHANCE_YOUR_CALM, "too_many_pings")
+            self.last_ping = now
+        self.sent = False
+        self.out.append(frame(PING, ACK, 0, payload))
 
     def _cheap(self, what: str) -> None:
         """A frame that costs us work and carries no request: spends the control budget."""
@@ -316,11 +397,7 @@ class Connection(Output, asyncio.Protocol):
                 raise ProtocolError(PROTOCOL_ERROR, "PING on a stream")
             if len(payload) != 8:
                 raise ProtocolError(FRAME_SIZE_ERROR, "a PING of the wrong size")
-            if flags & ACK or not self.sent:
-                self._cheap("PINGs")
-            self.sent = False
-            if not flags & ACK:
-                self.out.append(frame(PING, ACK, 0, payload))
+            self._ping(flags, payload)
         elif kind == RST_STREAM:
             if stream_id == 0:
                 raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
@@ -675,6 +752,10 @@ class Connection(Output, asyncio.Protocol):
         if self.streams.pop(stream.id, None) is not None:
             self.discard(stream)
             self.server.changed()
+            if not self.streams:
+                self.idle_since = self.loop.time()
+                if self.retiring and self.goaway_sent:
+                    self.loop.call_soon(self.close)
 
 
 def _depends_on_itself(flags: int, stream_id: int, payload: bytes) -> bool:

@@ -15,6 +15,15 @@ Why each default (grpc-core's and grpc-go's defences against the HTTP/2 attack c
   answered (rapid reset, CVE-2023-44487).
 - ``write_high_water_bytes``, 4 MiB: output a client has not read; past it the connection is not read further.
 - ``preface_timeout_s`` / ``tls_handshake_timeout_s``, 10 s: a connection that says nothing useful is closed.
+- ``keepalive_min_time_s`` / ``max_ping_strikes``, 300 s and 2: grpc-core's and grpc-go's keepalive enforcement
+  (``grpc.http2.min_ping_interval_without_data_ms``, ``grpc.http2.max_ping_strikes``): a PING within 300 s of the
+  client's last one, while we sent it nothing in between, is a strike, with or without calls open (grpc-core's
+  ``keepalive_permit_without_calls`` on); the third ends the connection with GOAWAY ENHANCE_YOUR_CALM and the
+  debug data ``too_many_pings``, which gRPC clients read to double their keepalive interval. The control-frame
+  bucket still meters every such PING.
+- ``max_connection_age_s`` / ``max_connection_age_grace_s``, off and 30 s; ``idle_timeout_s``, off: gRFC A9's
+  ``MAX_CONNECTION_AGE`` (±10% jitter, so connections made together do not all leave together),
+  ``MAX_CONNECTION_AGE_GRACE`` and ``MAX_CONNECTION_IDLE``; off by default as in gRPC.
 - ``turn_budget_s``, 2 ms: frames one connection may have processed in one event-loop turn before the others get
   theirs (a read of 256 KiB of tiny frames would otherwise hold the loop for tens of milliseconds).
 """
@@ -61,15 +70,35 @@ class Limits:
     tls_handshake_timeout_s: float = 10.0
     """Under TLS, a connection whose handshake has not completed by then is closed (a client that stalls mid-
     handshake holds a socket and an ``SSLObject`` but reaches nothing else; the same bound as the preface)."""
+    keepalive_min_time_s: float = 300.0
+    """Least interval between PINGs while we send nothing; a shorter one is a strike (0 = no strikes)."""
+    max_ping_strikes: int = 2
+    """Strikes allowed; the next ends the connection (GOAWAY ENHANCE_YOUR_CALM ``too_many_pings``)."""
+    max_connection_age_s: float = 0.0
+    """After this long (±10%) the connection is asked to go away: GOAWAY, its calls finish (0 = never)."""
+    max_connection_age_grace_s: float = 30.0
+    """Calls still running this long after the age GOAWAY are cancelled (UNAVAILABLE) and the connection closed."""
+    idle_timeout_s: float = 0.0
+    """A connection with no stream open for this long goes away (GOAWAY, then close; 0 = never)."""
+    goaway_ping_timeout_s: float = 1.0
+    """The first GOAWAY of a graceful one is followed by a PING; without its ACK by then, the final one goes."""
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
-            if not getattr(self, name) > 0:
+            if name in _ZERO_IS_OFF:
+                if not getattr(self, name) >= 0:
+                    raise ValueError(f"transport limit {name} must be >= 0, got {getattr(self, name)}")
+            elif not getattr(self, name) > 0:
                 raise ValueError(f"transport limit {name} must be > 0, got {getattr(self, name)}")
         if not 16_384 <= self.max_frame_bytes <= (1 << 24) - 1:
             raise ValueError(f"max_frame_bytes must be within 16384..2^24-1, got {self.max_frame_bytes}")
         if self.stream_window_bytes > self.connection_window_bytes or self.connection_window_bytes > (1 << 31) - 1:
             raise ValueError("windows: stream <= connection <= 2^31-1")
+
+
+_ZERO_IS_OFF = frozenset(
+    {"keepalive_min_time_s", "max_connection_age_s", "max_connection_age_grace_s", "idle_timeout_s"}
+)
 
 
 class Budget:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 
 import grpc
@@ -24,24 +25,44 @@ class Transport:
         self.tls = False
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
+        self._socket: socket.socket | None = None
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
-        """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken.
-        With ``tls`` (a server context offering ALPN ``h2``), connections are TLS: a handshake that has not
-        completed within ``limits.tls_handshake_timeout_s`` is closed, and a connection that did not choose ``h2``
-        by ALPN is closed."""
+        """Listen on ``host:port`` (``port`` 0: any free port); returns the port. Raises OSError if it is taken."""
+        port = self.bind(host, port)
+        await self.listen(tls)
+        return port
+
+    def bind(self, host: str, port: int) -> int:
+        """Take ``host:port`` without listening yet: connections are refused (not left hanging in a backlog) until
+        :meth:`listen`, so balancers pass a replica that is still loading by. Returns the port bound."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except BaseException:
+            sock.close()
+            raise
+        self._socket = sock
+        return int(sock.getsockname()[1])
+
+    async def listen(self, tls: ssl.SSLContext | None = None) -> None:
+        """Accept connections on the address :meth:`bind` took. With ``tls`` (a server context offering ALPN
+        ``h2``), connections are TLS: a handshake that has not completed within ``limits.tls_handshake_timeout_s``
+        is closed, and a connection that did not choose ``h2`` by ALPN is closed."""
+        assert self._socket is not None, "bind() first"
         loop = asyncio.get_running_loop()
         self.tls = tls is not None
         self._server = await loop.create_server(
             lambda: Connection(self),
-            host.strip("[]"),
-            port,
-            reuse_address=True,
+            sock=self._socket,
             backlog=1024,
             ssl=tls,
             ssl_handshake_timeout=self.limits.tls_handshake_timeout_s if tls is not None else None,
         )
-        return int(self._server.sockets[0].getsockname()[1])
 
     def changed(self) -> None:
         if self._idle is not None and not any(c.streams for c in self.connections):
@@ -50,6 +71,9 @@ class Transport:
     async def stop(self, grace_s: float) -> None:
         """No new connections; GOAWAY on each; calls in flight get ``grace_s`` seconds, then are cancelled."""
         if self._server is None:
+            if self._socket is not None:  # bound, never listened
+                self._socket.close()
+                self._socket = None
             return
         self._server.close()
         self._idle = asyncio.Event()
