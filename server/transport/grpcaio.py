@@ -93,9 +93,14 @@ def stop_listening(port: int) -> int:
     with contextlib.suppress(OSError):
         for name in os.listdir("/proc/self/fd"):
             try:
-                sock = socket.socket(fileno=os.dup(int(name)))
+                fd = os.dup(int(name))
             except (OSError, ValueError):
-                continue  # not a socket (or gone)
+                continue  # gone
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)  # not a socket: the duplicate must not outlive this look
+                continue
             with sock:
                 try:
                     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)

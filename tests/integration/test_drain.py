@@ -157,14 +157,14 @@ def test_while_models_load_grpc_refuses_connections_and_requests_get_unavailable
 ) -> None:
     server = BackgroundServer(example_repo, transport=transport)
     loading, release = threading.Event(), threading.Event()
-    load_all = server.server.repository.load_all
+    load_startup = server.server.repository.load_startup
 
-    def slow_load() -> None:
+    async def slow_load() -> None:
         loading.set()
-        release.wait(60)
-        load_all()
+        await asyncio.to_thread(release.wait, 60)
+        await load_startup()
 
-    server.server.repository.load_all = slow_load  # type: ignore[method-assign]
+    server.server.repository.load_startup = slow_load  # type: ignore[method-assign]
     starting = asyncio.run_coroutine_threadsafe(server.server.start(), server.loop)
     try:
         assert loading.wait(60)
