@@ -25,7 +25,7 @@ from prometheus_client.core import Metric
 from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.errors import Unavailable
-from ferry.server.api.http import create_http_app
+from ferry.server.api.http import HttpLimits, LimitedSite, create_http_app
 from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
 from ferry.server.config import ServerConfig
 from ferry.server.inference.cache import ResultCache
@@ -91,6 +91,7 @@ class FerryServer:
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._transport: Transport | None = None
         self._models_with_health: set[str] = set()
+        self.services = Services()  # every gRPC method, whichever transport carries gRPC: REST calls through it
 
     def is_ready(self) -> bool:
         if self._draining or not self.repository.loaded:
@@ -106,6 +107,7 @@ class FerryServer:
         self.metrics.extras.append(self._monitoring_metrics)
         self.metrics.extras.append(self.loopwatch.metric_families)
         self._registry = registry_for(self.metrics)
+        self._register(servicer, self.services)
         if self.config.transport == "ferry":
             await self._start_ferry_transport(servicer)
         else:
@@ -129,12 +131,10 @@ class FerryServer:
         )
 
     async def _start_ferry_transport(self, servicer: InferenceServicer) -> None:
-        services = Services()
-        self._register(servicer, services)
         limits = Limits(
             max_message_bytes=self.config.max_message_bytes, max_concurrent_streams=self.config.max_pending_calls
         )
-        self._transport = Transport(services, limits)
+        self._transport = Transport(self.services, limits)
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             self.grpc_port = await self._transport.start(self.config.host, self.config.grpc_port)
@@ -163,10 +163,11 @@ class FerryServer:
         await server.start()
 
     async def _start_http(self, port: int) -> None:
-        app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry))
-        runner = web.AppRunner(app, access_log=None)
+        limits = self.http_limits()
+        app = create_http_app(lambda: exposition(self._registry), self.services.lookup, limits)
+        runner = web.AppRunner(app, access_log=None, **limits.runner_options())
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, port)
+        site = LimitedSite(runner, self.config.host, port, max_connections=limits.max_connections)
         try:
             await site.start()
         except OSError as err:
@@ -176,6 +177,15 @@ class FerryServer:
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         self.http_port = sockets[0].getsockname()[1] if sockets else port
+
+    def http_limits(self) -> HttpLimits:
+        config = self.config
+        return HttpLimits(
+            max_body_bytes=config.max_message_bytes,
+            body_timeout_s=config.http_body_timeout_s,
+            keepalive_timeout_s=config.http_keepalive_timeout_s,
+            max_connections=config.http_max_connections,
+        )
 
     async def update_health(self) -> None:
         """Publish readiness to the health service: "" and the inference service, and one entry per model."""

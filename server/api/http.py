@@ -1,42 +1,165 @@
-"""The HTTP listener (aiohttp): the Open Inference Protocol's health endpoints and Prometheus ``/metrics``.
+"""The HTTP listener (aiohttp): the Open Inference Protocol over REST (:mod:`ferry.server.api.rest`) and
+Prometheus ``/metrics``, with the bounds that keep one client from holding the port.
 
-aiohttp is used because it is a well-kept asyncio HTTP server that can also carry the REST form of the protocol
-on the same port later.
+aiohttp stays the HTTP server: it is well kept, asyncio-native, parses HTTP/1.1 in C (llhttp), and bounds what a
+client can make it hold (header line and field sizes, a header count, pipelined requests queued per connection,
+body size, decompressed size). A faster server would save microseconds a request against REST's JSON costs, not
+worth a second server stack. What aiohttp leaves to us: a cap on open connections (:class:`LimitedSite`) and a
+body that trickles in (the REST layer reads it under a timeout).
+
+Slow clients, each bounded: a connection that sends no complete request header within ``keepalive_timeout_s`` of
+opening, or of its previous answer, is closed (aiohttp's keep-alive timer runs from the connection's start); a
+body that has not fully arrived within the body timeout is answered 408 and the connection closed; connections
+past ``max_connections`` are answered 503 and closed at once; a client that goes away cancels its handler
+(``handler_cancellation``), which gives back whatever its call held.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from ferry.server.models.repository import ModelRepository
+from ferry.server.api.rest import Lookup, RestApi, RestLimits, json_errors
 
 _VERSION_HEADER = {"X-Prometheus-Exposition-Format": "0.0.4"}  # text format 0.0.4, as prometheus_client emits
 
 
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What the HTTP port lets clients hold, named with why."""
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    """A request body's size, as sent and as decompressed (413 past it): the gRPC port's message limit."""
+
+    body_timeout_s: float = 30.0
+    """A body must arrive within this long of its headers (408 after): a trickled body holds a handler."""
+
+    keepalive_timeout_s: float = 30.0
+    """A connection closes when it has sent no complete request header within this long of opening or of its
+    last answer: idle keep-alive connections and slowloris clients both."""
+
+    max_connections: int = 1000
+    """Open connections at once; one past it is answered 503 and closed. Each holds a file descriptor and a
+    parser."""
+
+    max_field_bytes: int = 16 * 1024
+    """A header line's and a header field's size (aiohttp: max_line_size, max_field_size); gRPC's header list
+    limit on the other port is 16 KiB too."""
+
+    def runner_options(self) -> dict[str, Any]:
+        """The aiohttp ``AppRunner`` keywords these limits set."""
+        return {
+            "keepalive_timeout": self.keepalive_timeout_s,
+            "max_line_size": self.max_field_bytes,
+            "max_field_size": self.max_field_bytes,
+            "handler_cancellation": True,
+        }
+
+
 def create_http_app(
-    repository: ModelRepository, is_ready: Callable[[], bool], metrics: Callable[[], bytes]
+    metrics: Callable[[], bytes], lookup: Lookup | None = None, limits: HttpLimits | None = None
 ) -> web.Application:
-    def status(ok: bool) -> web.Response:
-        return web.Response(status=200 if ok else 503)
-
-    async def live(request: web.Request) -> web.Response:
-        return status(True)
-
-    async def ready(request: web.Request) -> web.Response:
-        return status(is_ready())
-
-    async def model_ready(request: web.Request) -> web.Response:
-        return status(repository.is_ready(request.match_info["model"], request.match_info.get("version", "")))
+    """``/metrics``, and the REST API on the services ``lookup`` finds (without one, only ``/metrics``)."""
+    limits = limits or HttpLimits()
 
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(body=metrics(), content_type="text/plain", charset="utf-8", headers=_VERSION_HEADER)
 
-    app = web.Application()
-    app.router.add_get("/metrics", scrape)
-    app.router.add_get("/v2/health/live", live)
-    app.router.add_get("/v2/health/ready", ready)
-    app.router.add_get("/v2/models/{model}/ready", model_ready)
-    app.router.add_get("/v2/models/{model}/versions/{version}/ready", model_ready)
+    app = web.Application(middlewares=[json_errors], client_max_size=limits.max_body_bytes)
+    app.router.add_get("/metrics", scrape, allow_head=False)
+    if lookup is not None:
+        rest = RestApi(lookup, RestLimits(limits.max_body_bytes, limits.body_timeout_s))
+        app.router.add_routes(rest.routes())
     return app
+
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b'Connection: close\r\nContent-Length: 44\r\n\r\n{"error": "too many connections; try again"}'
+)
+
+
+class _Gate:
+    __slots__ = ("limit", "open")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+
+class _Admitted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, made only when the connection is admitted under the limit."""
+
+    __slots__ = ("_gate", "_inner", "_make")
+
+    def __init__(self, make: Callable[[], asyncio.Protocol], gate: _Gate) -> None:
+        self._make = make
+        self._gate = gate
+        self._inner: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self._gate
+        if gate.open >= gate.limit:
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(_BUSY)
+            transport.close()
+            return
+        gate.open += 1
+        self._inner = self._make()
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._gate.open -= 1
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class LimitedSite(web.TCPSite):
+    """aiohttp's TCP site, admitting at most ``max_connections`` connections at once."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._gate = _Gate(max_connections)
+
+    @property
+    def open_connections(self) -> int:
+        return self._gate.open
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; TCPSite.start would bind without the limit
+        factory = self._runner.server
+        assert factory is not None
+        gate = self._gate
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Admitted(factory, gate),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
+__all__ = ["HttpLimits", "LimitedSite", "create_http_app"]
