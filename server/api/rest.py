@@ -257,8 +257,8 @@ class RestApi:
             ) from None
         except web.HTTPRequestEntityTooLarge:
             raise RestError(413, f"the body is over the limit of {limits.max_body_bytes} bytes") from None
-        except zlib.error as err:
-            raise InvalidArgument(f"the {encoding} body does not decompress: {err}") from None
+        except web.RequestPayloadError as err:  # a body that does not decompress, or a broken chunked encoding
+            raise InvalidArgument(f"the body cannot be read: {str(err).splitlines()[-1].strip()}") from None
 
     async def json_body(self, request: web.Request, fields: dict[str, type] | None) -> dict[str, Any]:
         """A small JSON object body (empty: ``{}``); ``fields`` names the keys it may have and their types."""
