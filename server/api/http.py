@@ -57,6 +57,9 @@ class HttpLimits:
             "max_line_size": self.max_field_bytes,
             "max_field_size": self.max_field_bytes,
             "handler_cancellation": True,
+            # after answering a request whose body it did not read (413, 408), aiohttp reads and drops the rest
+            # for this long so the client sees the answer, then closes: a trickling client gets no more
+            "lingering_time": 1.0,
         }
 
 

@@ -347,12 +347,15 @@ def _accepted_encoding(accept: str) -> str | None:
 
 
 def error_response(err: RestError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         body=orjson.dumps({"error": err.message}),
         status=err.status,
         headers=err.headers,
         content_type="application/json",
     )
+    if err.headers.get("Connection") == "close":
+        response.force_close()
+    return response
 
 
 @web.middleware
