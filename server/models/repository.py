@@ -81,7 +81,8 @@ class ModelRepository:
     async def load(self, name: str) -> Model:
         """(Re)load one model from disk and publish it; the versions it replaces drain and close."""
         path = self._root / name
-        if not path.is_dir():
+        # a plain directory name only: "", ".", "..", "a/../b" or an absolute path would load from elsewhere
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name or not path.is_dir():
             raise NotFound(f"model {name!r} has no directory in the repository {str(self._root)!r}")
         model = await asyncio.to_thread(_load_model, self._config, path, self._tracing, self.monitoring)
         old = self._publish(model)

@@ -364,3 +364,13 @@ def test_rest_under_the_grpcio_transport(example_repo: Path) -> None:
             c.close()
         assert post_json(port, infer_path("nope"), {"inputs": []}).status == 404
         assert call(port, "POST", infer_path("mlp"), _mlp_body(), {"Ferry-Timeout": "1n"}).status == 504
+
+
+@pytest.mark.parametrize("name", ["..", ".", "..%2F..%2Ftmp", "%2Ftmp", "mlp%2F..%2Ftiny", ".hidden"])
+def test_load_takes_only_a_directory_name_of_the_repository(port: int, name: str) -> None:
+    """A model name that would reach outside the repository (or a hidden directory) is an unknown model."""
+    answer = call(port, "POST", f"/v2/repository/models/{name}/load")
+    assert answer.status == 404, answer.body
+    assert "has no directory in the repository" in answer.error
+    index = call(port, "POST", "/v2/repository/index").json()
+    assert {m["name"] for m in index} == {"digits", "imgcls", "mlp", "tiny"}
