@@ -210,11 +210,13 @@ class RestApi:
         message = pb.TraceSettingRequest(model_name=request.match_info.get("model", ""))
         if request.method == "POST":
             doc = await self.json_body(request, None)
+            if not doc:
+                raise InvalidArgument('the body must be a JSON object of settings to change, e.g. {"trace_rate": "10"}')
             for key, value in doc.items():
                 values = [] if value is None else value if isinstance(value, list) else [value]
-                if not all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in values):
+                if not all(isinstance(v, str) for v in values):
                     raise InvalidArgument(f"trace setting {key!r} must be a string, a list of strings or null")
-                message.settings[key].value.extend(str(v) for v in values)
+                message.settings[key].value.extend(values)
         reply = await self.call("TraceSetting", message, request)
         settings = {
             key: list(v.value) if key == "trace_level" or len(v.value) != 1 else v.value[0]
@@ -224,10 +226,22 @@ class RestApi:
 
     async def outcomes(self, request: web.Request) -> web.Response:
         doc = await self.json_body(request, {"outcomes": list})
-        try:
-            message = json_format.ParseDict(doc, fpb.ReportOutcomesRequest())
-        except json_format.ParseError as err:
-            raise InvalidArgument(f"the outcomes request: {err}") from None
+        if "outcomes" not in doc:
+            raise InvalidArgument("the body needs 'outcomes', a list")
+        message = fpb.ReportOutcomesRequest()
+        for i, item in enumerate(doc["outcomes"]):
+            if not isinstance(item, dict):
+                raise InvalidArgument(f"outcomes[{i}] must be a JSON object")
+            outcome = message.outcomes.add()
+            for key, value in item.items():
+                kind = _OUTCOME_FIELDS.get(key)
+                if kind is None:
+                    raise InvalidArgument(f"outcomes[{i}]: unknown field {key!r}; fields are {sorted(_OUTCOME_FIELDS)}")
+                if not _is(value, kind) or (key == "row" and not 0 <= value < 2**32):
+                    raise InvalidArgument(f"outcomes[{i}]: {key!r} must be {_OUTCOME_KINDS[key]}, got {value!r}")
+                setattr(outcome, key, value)
+            if sum(k in item for k in ("label", "target", "class_label")) > 1:
+                raise InvalidArgument(f"outcomes[{i}]: give one of 'label', 'target' and 'class_label'")
         return reply_json(request, message_json(await self.call(OUTCOMES, message, request)))
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -291,6 +305,29 @@ class RestApi:
             if kind in ("int64_param", "uint64_param") and getattr(param, kind) > 0:
                 timeouts.append(getattr(param, kind) / 1e6)
         return time.monotonic() + min(timeouts) if timeouts else None
+
+
+_OUTCOME_FIELDS: dict[str, type] = {
+    "request_id": str,
+    "model_name": str,
+    "label": int,
+    "target": float,
+    "class_label": str,
+    "row": int,
+}
+_OUTCOME_KINDS = {"request_id": "a string", "model_name": "a string", "label": "an int64", "target": "a number",
+                  "class_label": "a string", "row": "a uint32"}  # fmt: skip
+
+
+def _is(value: Any, kind: type) -> bool:
+    """A JSON value of ``kind``, strictly: no bools as numbers; ints count as floats; int64 range for ints."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    if kind is int:
+        return isinstance(value, int) and -(2**63) <= value < 2**63
+    return isinstance(value, kind)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
