@@ -44,7 +44,9 @@ STATUS_CODE_PARAMETER = "ferry_status_code"  # ferry.client.errors keeps its own
 PROGRESS_INTERVAL_S = 0.5
 MAX_IN_FLIGHT = 4096
 """Open loop: requests outstanding per worker before sending waits (still charged from the intended time)."""
-CLIENTS = ("wire", "grpcio")
+CLIENTS = ("wire", "grpcio", "http-binary", "http-json")
+"""How workers call: gRPC on ferry.loadtest.wire or grpc.aio, or REST (:mod:`ferry.loadtest.rest`) with binary or
+JSON tensors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,10 @@ def make_client(kind: str, target: str) -> Client:
         return WireClient(target)
     if kind == "grpcio":
         return GrpcioClient(target)
+    if kind.startswith("http-"):
+        from ferry.loadtest.rest import HttpClient
+
+        return HttpClient(target, kind.removeprefix("http-"))
     raise ValueError(f"client must be one of {CLIENTS}, got {kind!r}")
 
 
