@@ -62,6 +62,7 @@ bench: models perf-deps
 	$(BIN)/python -m benchmarks.bench_observability --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_switched --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.bench_transport --models $(MODELS) --out bench-out --doc BENCHMARKS.md
+	$(BIN)/python -m benchmarks.bench_rest --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.kernel_bench --models $(MODELS) --out bench-out
 	$(BIN)/python -m benchmarks.crosscheck --models $(MODELS) --out bench-out --doc BENCHMARKS.md
 	bash benchmarks/mlserver/setup.sh
