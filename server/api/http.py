@@ -73,10 +73,10 @@ def create_http_app(
         return web.Response(body=metrics(), content_type="text/plain", charset="utf-8", headers=_VERSION_HEADER)
 
     app = web.Application(middlewares=[json_errors], client_max_size=limits.max_body_bytes)
-    app.router.add_get("/metrics", scrape, allow_head=False)
-    if lookup is not None:
+    if lookup is not None:  # first: aiohttp tries routes in registration order, and inference is the hot path
         rest = RestApi(lookup, RestLimits(limits.max_body_bytes, limits.body_timeout_s))
         app.router.add_routes(rest.routes())
+    app.router.add_get("/metrics", scrape, allow_head=False)
     return app
 
 

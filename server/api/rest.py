@@ -108,7 +108,10 @@ class RestApi:
             post.append((f"{base}/infer", self.infer))
         get.append((f"{m}/trace/setting", self.trace_setting))
         post.append((f"{m}/trace/setting", self.trace_setting))
-        return [web.get(p, h, allow_head=False) for p, h in get] + [web.post(p, h) for p, h in post]
+        # aiohttp tries routes in order: inference first, so the hot path matches at the first try (the others
+        # keep their order: /v2/models/stats before /v2/models/{model})
+        post.sort(key=lambda route: not route[0].endswith("/infer"))
+        return [web.post(p, h) for p, h in post] + [web.get(p, h, allow_head=False) for p, h in get]
 
     # -- the calls
 
