@@ -2,10 +2,10 @@
 Prometheus ``/metrics``, with the bounds that keep one client from holding the port.
 
 aiohttp stays the HTTP server: it is well kept, asyncio-native, parses HTTP/1.1 in C (llhttp), and bounds what a
-client can make it hold (header line and field sizes, a header count, pipelined requests queued per connection,
-body size, decompressed size). A faster server would save microseconds a request against REST's JSON costs, not
-worth a second server stack. What aiohttp leaves to us: a cap on open connections (:class:`LimitedSite`) and a
-body that trickles in (the REST layer reads it under a timeout).
+client can make it hold (header line and field sizes, a header count, body size and decompressed size, and 32
+pipelined requests queued a connection before it stops reading it). A faster server would save microseconds a
+request against REST's JSON costs, not worth a second server stack. What aiohttp leaves to us: a cap on open
+connections (:class:`LimitedSite`) and a body that trickles in (the REST layer reads it under a timeout).
 
 Slow clients, each bounded: a connection that sends no complete request header within ``keepalive_timeout_s`` of
 opening, or of its previous answer, is closed (aiohttp's keep-alive timer runs from the connection's start); a
@@ -17,15 +17,30 @@ past ``max_connections`` are answered 503 and closed at once; a client that goes
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ferry.server.api.rest import Lookup, RestApi, RestLimits, json_errors
 
 _VERSION_HEADER = {"X-Prometheus-Exposition-Format": "0.0.4"}  # text format 0.0.4, as prometheus_client emits
+
+
+class _NoClientErrors(logging.Filter):
+    """Drops aiohttp's tracebacks for requests it could not parse (a header past the limits, bad framing): the
+    client got its 400, and a client sending them by the thousand must not fill the server's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
+PROTOCOL_LOG = logging.getLogger("ferry.server.http")
+PROTOCOL_LOG.addFilter(_NoClientErrors())
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +72,7 @@ class HttpLimits:
             "max_line_size": self.max_field_bytes,
             "max_field_size": self.max_field_bytes,
             "handler_cancellation": True,
+            "logger": PROTOCOL_LOG,
             # after answering a request whose body it did not read (413, 408), aiohttp reads and drops the rest
             # for this long so the client sees the answer, then closes: a trickling client gets no more
             "lingering_time": 1.0,

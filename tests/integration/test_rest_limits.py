@@ -5,6 +5,7 @@ cap are answered 503 and closed. 127.0.0.1 only; every loop is bounded."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -132,3 +133,40 @@ def test_connections_past_the_cap_get_503(example_repo: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "the cap was not given back"
             time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("head", "answer"),
+    [
+        (b"X-Big: " + b"a" * 20000 + b"\r\n", b"Got more than 16384 bytes"),
+        (b"".join(b"X-%d: 1\r\n" % i for i in range(200)), b"Too many headers received"),
+    ],
+    ids=["a header past 16 KiB", "too many headers"],
+)
+def test_headers_past_the_limits_are_400(
+    port: int, head: bytes, answer: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        reply = b""
+        while chunk := sock.recv(65536):  # answered, then closed
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 400 ") and answer in reply, reply[:300]
+    assert not [r for r in caplog.records if r.levelno >= 40], "a client's malformed request was logged as an error"
+    assert call(port, "GET", "/v2/health/live").status == 200
+
+
+def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    count = 100
+    requests = b"".join(
+        b"GET /v2/models/%s/ready HTTP/1.1\r\nHost: x\r\n\r\n" % (b"tiny" if i % 2 else b"nope") for i in range(count)
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(requests)
+        reply = b""
+        while reply.count(b"HTTP/1.1 ") < count:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection closed before every pipelined request was answered"
+            reply += chunk
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)
+    assert statuses == [b"200" if i % 2 else b"503" for i in range(count)]
