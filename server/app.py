@@ -165,7 +165,10 @@ class FerryServer:
     async def _start_http(self, port: int) -> None:
         limits = self.http_limits()
         app = create_http_app(lambda: exposition(self._registry), self.services.lookup, limits)
-        runner = web.AppRunner(app, access_log=None, **limits.runner_options())
+        # on stop, calls in flight get the drain time, as gRPC's do (aiohttp's default is 60 s)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.config.shutdown_grace_s, **limits.runner_options()
+        )
         await runner.setup()
         site = LimitedSite(runner, self.config.host, port, max_connections=limits.max_connections)
         try:

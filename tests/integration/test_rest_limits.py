@@ -5,16 +5,19 @@ cap are answered 503 and closed. 127.0.0.1 only; every loop is bounded."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.resthttp import call
-from tests.serving import background_server
+from tests.serving import BackgroundServer, background_server
 
 TIMEOUT_S = 2.0
 """The server's keep-alive (header) and body timeouts in this module."""
@@ -170,3 +173,29 @@ def test_pipelined_requests_are_answered_in_order(port: int) -> None:
             reply += chunk
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)
     assert statuses == [b"200" if i % 2 else b"503" for i in range(count)]
+
+
+def test_a_call_in_flight_finishes_when_the_server_stops(example_repo: Path, tmp_path: Path) -> None:
+    """Drain, then close: a request queued in the batcher when shutdown begins is still answered."""
+    shutil.copytree(example_repo / "tiny" / "1", tmp_path / "tiny" / "1")
+    (tmp_path / "tiny" / "config.pbtxt").write_text(
+        "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }\n"
+    )
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]})
+    running = BackgroundServer(tmp_path, shutdown_grace_s=10.0)
+    try:
+        running.start()
+        port = running.server.http_port
+        assert port is not None
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(call, port, "POST", "/v2/models/tiny/infer", body.encode())
+            deadline = time.monotonic() + GIVE_UP_S
+            version = running.server.repository.get_model("tiny").versions[1]
+            while version.queued == 0:  # in the batcher's queue, waiting for its batch to fill or its delay
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            running.call(running.server.stop(10.0))
+            reply = answer.result(GIVE_UP_S)
+    finally:
+        running.stop()
+    assert reply.status == 200, reply.body
