@@ -25,7 +25,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ferry.server.api.rest import Lookup, RestApi, RestLimits, json_errors
+from ferry.server.api.rest import Lookup, RestApi, RestLimits
+from ferry.server.api.rest_answers import json_errors
 
 _VERSION_HEADER = {"X-Prometheus-Exposition-Format": "0.0.4"}  # text format 0.0.4, as prometheus_client emits
 
