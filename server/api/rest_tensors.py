@@ -75,9 +75,15 @@ def infer_request(
     doc = parse_json(view[:json_end], "the inference request")
     if not isinstance(doc, dict):
         raise InvalidArgument(f"the inference request must be a JSON object, got {_kind(doc)}")
-    unknown = set(doc) - {"id", "parameters", "inputs", "outputs"}
+    unknown = set(doc) - {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
     if unknown:
         raise InvalidArgument(f"the inference request has unknown fields {sorted(unknown)}")
+    for key, given in (("model_name", model), ("model_version", version)):  # KServe's client sends them
+        value = doc.get(key, given)
+        if not isinstance(value, str):
+            raise InvalidArgument(f"'{key}' must be a string, got {_kind(value)}")
+        if value != given and not (key == "model_version" and value == ""):
+            raise InvalidArgument(f"{key} {value!r} in the body differs from {given!r} in the path")
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     request_id = doc.get("id", "")
     if not isinstance(request_id, str):

@@ -202,6 +202,14 @@ JSON_CASES: dict[str, tuple[dict[str, object] | list[object], str]] = {
     "no inputs": ({"id": "x"}, "'inputs' must be a list of tensors, got null"),
     "an unknown field": ({**_add_doc(), "input": []}, r"unknown fields \['input'\]"),
     "a numeric id": ({**_add_doc(), "id": 7}, "'id' must be a string, got a number"),
+    "another model_name than the path's": (
+        {**_add_doc(), "model_name": "scale"},
+        "model_name 'scale' in the body differs from 'add' in the path",
+    ),
+    "a model_version in the body only": (
+        {**_add_doc(), "model_version": "1"},
+        "model_version '1' in the body differs from '' in the path",
+    ),
     "an input that is not an object": ({"inputs": [3]}, r"inputs\[0\] must be a JSON object, got a number"),
     "an input without a name": ({"inputs": [{"datatype": "FP32"}]}, r"inputs\[0\]: 'name' must be a string"),
     "a shape of strings": (_with_a(shape=["2", "4"]), r"input 'a': 'shape' must be a list of integers"),
