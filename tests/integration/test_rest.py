@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
 import subprocess
 import zlib
@@ -330,6 +331,8 @@ def test_the_openapi_document_is_served(port: int) -> None:
 def test_perf_analyzer_over_http(port: int, model: str) -> None:
     usable, why = pa.usable()
     if not usable:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"perf_analyzer must run in CI: {why}")
         pytest.skip(why)
     binary = pa.binary()
     assert binary is not None
