@@ -124,8 +124,9 @@ class _Admitted(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self._gate
         if gate.open >= gate.limit:
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(_BUSY)
+            write = getattr(transport, "write", None)  # uvloop's transports are not asyncio.WriteTransport subclasses
+            if write is not None:
+                write(_BUSY)
             transport.close()
             return
         gate.open += 1

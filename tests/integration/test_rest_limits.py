@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from ferry.client.errors import InvalidArgument
+from ferry.server.config import ServerConfig
 from tests.resthttp import call
-from tests.serving import BackgroundServer, background_server
+from tests.serving import BackgroundServer, background_server, ferry_serve
 
 TIMEOUT_S = 2.0
 """The server's keep-alive (header) and body timeouts in this module."""
@@ -199,3 +201,26 @@ def test_a_call_in_flight_finishes_when_the_server_stops(example_repo: Path, tmp
     finally:
         running.stop()
     assert reply.status == 200, reply.body
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("http_max_connections", 0), ("http_keepalive_timeout_s", 0.0), ("http_body_timeout_s", float("nan"))],
+)
+def test_the_http_limits_are_validated(tmp_path: Path, key: str, value: float) -> None:
+    with pytest.raises(InvalidArgument, match=key):
+        ServerConfig.build(model_repository=tmp_path, **{key: value})
+
+
+def test_ferry_serve_takes_the_http_flags(example_repo: Path) -> None:
+    """The flags reach the server: with --http-max-connections 1, a second connection is refused while the first
+    is open."""
+    args = ("--model-repository", str(example_repo), "--grpc-port", "0", "--http-port", "0", "--http-max-connections",
+            "1", "--http-keepalive-timeout-s", "60", "--http-body-timeout-s", "60")  # fmt: skip
+    with ferry_serve(*args) as (_, line):
+        port = int(line.split(" http=127.0.0.1:")[1].split()[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as first:
+            first.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert first.recv(65536).startswith(b"HTTP/1.1 200 ")
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as second:
+                assert second.recv(65536).startswith(b"HTTP/1.1 503 ")
