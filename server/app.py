@@ -66,7 +66,8 @@ def reflection_pool() -> DescriptorPool:
 
 
 class FerryServer:
-    """One Ferry server: the repository, the gRPC server (inference, health, reflection) and HTTP health."""
+    """One Ferry server: the repository, the gRPC server (inference, health, reflection, outcomes) and the HTTP port
+    (the REST API over the same registered handlers, and /metrics)."""
 
     def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
         """``tracing`` defaults to what the OTEL_* environment variables ask for."""
