@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +56,7 @@ class Method(Protocol):
 
 
 Lookup = Callable[[bytes], Method | None]
+Handler = Callable[[web.Request], Coroutine[Any, Any, web.Response]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class RestApi:
 
     def routes(self) -> list[web.RouteDef]:
         m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
-        get = [
+        get: list[tuple[str, Handler]] = [
             ("/v2", self.server_metadata),
             ("/v2/health/live", self.live),
             ("/v2/health/ready", self.ready),
@@ -84,7 +85,7 @@ class RestApi:
             ("/v2/trace/setting", self.trace_setting),
             ("/v2/openapi.yaml", self.openapi),
         ]
-        post = [
+        post: list[tuple[str, Handler]] = [
             ("/v2/repository/index", self.repository_index),
             ("/v2/repository/models/{model}/load", self.load),
             ("/v2/repository/models/{model}/unload", self.unload),
@@ -101,10 +102,31 @@ class RestApi:
             post.append((f"{base}/infer", self.infer))
         get.append((f"{m}/trace/setting", self.trace_setting))
         post.append((f"{m}/trace/setting", self.trace_setting))
+        for kind in ("system", "cuda"):  # Triton's shared-memory extensions: the RPCs answer UNIMPLEMENTED
+            base, rpc = f"/v2/{kind}sharedmemory", f"{kind.capitalize()}SharedMemory"
+            region = f"{base}/region/{{region}}"
+            status, register, unregister = (self._bare(f"{rpc}{verb}") for verb in ("Status", "Register", "Unregister"))
+            get += [(f"{base}/status", status), (f"{region}/status", status)]
+            post += [(f"{region}/register", register), (f"{base}/unregister", unregister)]
+            post.append((f"{region}/unregister", unregister))
+        get.append(("/v2/logging", self._bare("LogSettings")))
+        post.append(("/v2/logging", self._bare("LogSettings")))
         # aiohttp tries routes in order: inference first, so the hot path matches at the first try (the others
         # keep their order: /v2/models/stats before /v2/models/{model})
         post.sort(key=lambda route: not route[0].endswith("/infer"))
         return [web.post(p, h) for p, h in post] + [web.get(p, h, allow_head=False) for p, h in get]
+
+    def _bare(self, rpc: str) -> Handler:
+        """The endpoint of an RPC Ferry answers without reading a request (shared memory, log settings: all
+        UNIMPLEMENTED, 501): its request message names the region, and the reply is the RPC's as JSON."""
+        request_type = getattr(pb, f"{rpc}Request")
+
+        async def endpoint(request: web.Request) -> web.Response:
+            region = request.match_info.get("region")
+            message = request_type(name=region) if region is not None else request_type()
+            return reply_json(request, message_json(await self.call(rpc, message, request)))
+
+        return endpoint
 
     # -- the calls
 

@@ -377,3 +377,22 @@ def test_load_takes_only_a_directory_name_of_the_repository(port: int, name: str
     assert "has no directory in the repository" in answer.error
     index = call(port, "POST", "/v2/repository/index").json()
     assert {m["name"] for m in index} == {"digits", "imgcls", "mlp", "tiny"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "feature"),
+    [
+        ("GET", "/v2/systemsharedmemory/status", "system shared memory"),
+        ("POST", "/v2/systemsharedmemory/region/r0/register", "system shared memory"),
+        ("POST", "/v2/cudasharedmemory/region/r0/unregister", "CUDA shared memory"),
+        ("GET", "/v2/logging", "log settings"),
+    ],
+)
+def test_extensions_ferry_lacks_are_501_as_on_grpc(port: int, method: str, path: str, feature: str) -> None:
+    answer = call(port, method, path)
+    assert (answer.status, answer.error) == (501, f"Ferry does not implement {feature}")
+
+
+def test_tritonclient_sees_the_same_refusal(client: th.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException, match="Ferry does not implement system shared memory"):
+        client.get_system_shared_memory_status()
