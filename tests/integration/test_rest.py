@@ -5,6 +5,7 @@ http``. Answers are checked against onnxruntime on the same model files, and aga
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import os
@@ -45,6 +46,10 @@ def client(port: int) -> Iterator[th.InferenceServerClient]:
         yield c
     finally:
         c.close()
+        del c
+        # tritonclient.http's gevent objects must be freed on this thread: collected later on another (a server's
+        # event loop thread), gevent raises InvalidThreadUseError from a finalizer, an unraisable-exception error
+        gc.collect()
 
 
 def reference(repo: Path, model: str, x: np.ndarray) -> np.ndarray:
@@ -365,6 +370,8 @@ def test_rest_under_the_grpcio_transport(example_repo: Path) -> None:
             assert c.get_inference_statistics("tiny")["model_stats"][0]["inference_stats"]["success"]["count"] == 2
         finally:
             c.close()
+            del c
+            gc.collect()  # on this thread (see the client fixture)
         assert post_json(port, infer_path("nope"), {"inputs": []}).status == 404
         assert call(port, "POST", infer_path("mlp"), _mlp_body(), {"Ferry-Timeout": "1n"}).status == 504
 
