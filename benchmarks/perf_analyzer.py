@@ -74,8 +74,10 @@ def run(
     measurement_ms: int = 2000,
     extra: Sequence[str] = (),
     timeout_s: float = 300,
+    protocol: str = "grpc",
 ) -> list[Step]:
-    """Run perf_analyzer against ``target`` (host:port, gRPC) and return one Step per concurrency level."""
+    """Run perf_analyzer against ``target`` (host:port; gRPC, or the REST API with ``protocol="http"``, where
+    perf_analyzer sends binary tensor data) and return one Step per concurrency level."""
     path = binary()
     if path is None:
         raise RuntimeError(usable()[1])
@@ -84,7 +86,7 @@ def run(
         cmd = [
             str(path),
             "-m", model,
-            "-i", "grpc",
+            "-i", protocol,
             "-u", target,
             "-b", str(batch_size),
             "--measurement-interval", str(measurement_ms),

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 MODES = ("unary", "stream")
+PROTOCOLS = ("grpc", "http")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "rates, an optional capacity search against a p99 SLO, and a replica plan. Writes report.json, steps.csv, "
         "summary.md and PNG plots to --out."
     )
-    p.add_argument("--target", required=True, metavar="HOST:PORT", help="gRPC address (loopback unless --allow-remote)")
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="gRPC address, or HTTP address with "
+                   "--protocol http (loopback unless --allow-remote)")  # fmt: skip
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="gRPC (ModelInfer), or the REST API "
+                   "(POST /v2/models/{model}/infer, keep-alive HTTP/1.1) (default grpc)")  # fmt: skip
+    p.add_argument("--http-data", choices=("binary", "json"), default="binary", help="with --protocol http: "
+                   "tensors as Triton's binary extension or as JSON lists (default binary)")  # fmt: skip
     p.add_argument("--allow-remote", action="store_true", help="allow a target that is not a loopback address")
     p.add_argument("--model", required=True, help="model name")
     p.add_argument("--version", default="", help="model version (default: the server's latest)")
@@ -139,6 +145,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--max-error-rate must be in 0..1")
     if not 0 <= args.headroom < 1:
         raise ValueError("--headroom is the spare fraction of capacity, in [0, 1)")
+    if args.protocol == "http" and args.mode == "stream":
+        raise ValueError("--protocol http has no stream mode: REST answers one request per call")
+    if args.protocol == "http" and args.client != "wire":
+        raise ValueError("--client chooses the gRPC client; --protocol http uses its own HTTP client")
     if args.max_requests < 1 or args.timeout <= 0:
         raise ValueError("--max-requests and --timeout must be positive")
     check_target(args.target, args.allow_remote)

@@ -44,7 +44,9 @@ STATUS_CODE_PARAMETER = "ferry_status_code"  # ferry.client.errors keeps its own
 PROGRESS_INTERVAL_S = 0.5
 MAX_IN_FLIGHT = 4096
 """Open loop: requests outstanding per worker before sending waits (still charged from the intended time)."""
-CLIENTS = ("wire", "grpcio")
+CLIENTS = ("wire", "grpcio", "http-binary", "http-json")
+"""How workers call: gRPC on ferry.loadtest.wire or grpc.aio, or REST (:mod:`ferry.loadtest.rest`) with binary or
+JSON tensors."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +252,10 @@ def make_client(kind: str, target: str, metadata: Sequence[tuple[str, str]] = ()
         return WireClient(target, metadata)
     if kind == "grpcio":
         return GrpcioClient(target, metadata)
+    if kind.startswith("http-"):
+        from ferry.loadtest.rest import HttpClient
+
+        return HttpClient(target, kind.removeprefix("http-"))
     raise ValueError(f"client must be one of {CLIENTS}, got {kind!r}")
 
 

@@ -24,6 +24,7 @@ import grpc
 from ferry.loadtest import serverview
 from ferry.loadtest.generator import CLIENTS, StepPlan, worker_main
 from ferry.loadtest.histogram import Histogram
+from ferry.loadtest.rest import RestStub
 from ferry.loadtest.schedule import split_evenly
 from ferry.loadtest.steps import StepResult, StepSpec, summarize
 from ferry.loadtest.workload import Workload
@@ -44,12 +45,14 @@ class RunConfig:
     timeout_s: float = 10.0  # per request; also bounds the drain after each window
     max_requests: int = 1_000_000  # per step, over all workers
     seed: int = 0
-    client: str = "wire"  # "wire" (ferry.loadtest.wire) | "grpcio"
+    client: str = "wire"  # "wire" (ferry.loadtest.wire) | "grpcio" | "http-binary" | "http-json" (REST)
     metadata: tuple[tuple[str, str], ...] = ()  # sent with every call (e.g. authorization: Bearer ...)
 
     def __post_init__(self) -> None:
         if self.mode not in ("unary", "stream"):
             raise ValueError(f"mode must be unary or stream, got {self.mode!r}")
+        if self.mode == "stream" and self.client.startswith("http-"):
+            raise ValueError("REST has no streaming inference: stream mode needs gRPC")
         if self.client not in CLIENTS:
             raise ValueError(f"client must be one of {CLIENTS}, got {self.client!r}")
         if self.processes < 1 or self.duration_s <= 0 or self.warmup_s < 0 or self.timeout_s <= 0:
@@ -71,7 +74,11 @@ class LoadTest:
         self._messages: Any = self._ctx.Queue()
         self._conns: list[Any] = []
         self._procs: list[Any] = []
-        self._channel = serverview.with_metadata(grpc.insecure_channel(config.target), config.metadata)
+        self._channel = (
+            RestStub(config.target)
+            if config.client.startswith("http-")
+            else serverview.with_metadata(grpc.insecure_channel(config.target), config.metadata)
+        )
         self._index = 0
         nonce = random.SystemRandom().randrange(1 << 30)  # distinct requests in every run, so caches miss
         for w in range(config.processes):

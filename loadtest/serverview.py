@@ -15,6 +15,7 @@ import grpc
 
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.loadtest.rest import RestStub
 from ferry.loadtest.workload import InputSpec, ModelSpec
 
 DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
@@ -36,9 +37,14 @@ def with_metadata(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) 
     return grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
 
 
-def describe_model(channel: grpc.Channel, model: str, version: str = "", timeout_s: float = 30) -> ModelSpec:
+def stub_for(channel: grpc.Channel | RestStub) -> Any:
+    """The RPCs read here, over gRPC (a channel) or REST (a :class:`~ferry.loadtest.rest.RestStub`)."""
+    return channel if isinstance(channel, RestStub) else pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def describe_model(channel: grpc.Channel | RestStub, model: str, version: str = "", timeout_s: float = 30) -> ModelSpec:
     """Read the model's inputs and batching from ModelMetadata and ModelConfig (raises grpc.RpcError)."""
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub = stub_for(channel)
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model, version=version), timeout=timeout_s)
     config = stub.ModelConfig(pb.ModelConfigRequest(name=model, version=version), timeout=timeout_s).config
     mbs = int(config.max_batch_size)
@@ -79,9 +85,9 @@ class Snapshot:
         return Snapshot(**values)
 
 
-def snapshot(channel: grpc.Channel, model: str, version: str = "", timeout_s: float = 5) -> Snapshot | None:
+def snapshot(channel: grpc.Channel | RestStub, model: str, version: str = "", timeout_s: float = 5) -> Snapshot | None:
     """The model's counters now, or None when the server does not answer ModelStatistics."""
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    stub = stub_for(channel)
     try:
         reply = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version=version), timeout=timeout_s)
     except grpc.RpcError:

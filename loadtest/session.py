@@ -4,6 +4,7 @@ plan replicas, and write every report (also after Ctrl-C, with the steps measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -17,6 +18,7 @@ import grpc
 
 from ferry.loadtest import capacity, plots, report, serverview, workload
 from ferry.loadtest.progress import Progress, make_progress
+from ferry.loadtest.rest import RestStub
 from ferry.loadtest.runner import LoadTest, RunConfig
 from ferry.loadtest.steps import StepResult, StepSpec
 
@@ -67,15 +69,20 @@ class Session:
         self.config = RunConfig(
             target=args.target, model=args.model, version=args.version, mode=args.mode, processes=args.processes,
             warmup_s=warmup, duration_s=args.duration, timeout_s=args.timeout, max_requests=args.max_requests,
-            seed=args.seed, client=args.client, metadata=parse_metadata(getattr(args, "metadata", None) or []),
+            seed=args.seed, client=args.client if args.protocol == "grpc" else f"http-{args.http_data}",
+            metadata=parse_metadata(getattr(args, "metadata", None) or []),
         )  # fmt: skip
 
     @classmethod
     def open(cls, args: argparse.Namespace) -> Session:
         """Ask the server about the model and prepare every request (raises ValueError, ConnectionError)."""
         metadata = parse_metadata(getattr(args, "metadata", None) or [])
-        with grpc.insecure_channel(args.target) as plain:
-            channel = serverview.with_metadata(plain, metadata)
+        with contextlib.ExitStack() as stack:
+            channel: grpc.Channel | RestStub
+            if args.protocol == "http":
+                channel = RestStub(args.target)
+            else:
+                channel = serverview.with_metadata(stack.enter_context(grpc.insecure_channel(args.target)), metadata)
             try:
                 spec = serverview.describe_model(channel, args.model, args.version)
             except grpc.RpcError as err:

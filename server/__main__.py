@@ -42,7 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model-repository", required=True, help="model repository directory (Triton layout)")
     s.add_argument("--host", default="127.0.0.1", help="address both listeners bind (0.0.0.0: all interfaces)")
     s.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 = any free port (in the ready line)")
-    s.add_argument("--http-port", type=int, default=8000, help="HTTP port (health, /metrics); 0 = any free, -1 = off")
+    s.add_argument("--http-port", type=int, default=8000, help="HTTP port (REST, /metrics); 0 = any free, -1 = off")
+    s.add_argument(
+        "--http-keepalive-timeout-s",
+        type=float,
+        default=30.0,
+        help="close an HTTP connection that sends no complete request header for this long (idle or slowloris)",
+    )
+    s.add_argument(
+        "--http-body-timeout-s", type=float, default=30.0, help="an HTTP request body must arrive within this long"
+    )
+    s.add_argument("--http-max-connections", type=int, default=1000, help="HTTP connections open at once")
     s.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024, help="largest gRPC message, in bytes")
     s.add_argument(
         "--max-pending-calls",
@@ -113,9 +123,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     s.add_argument(
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
-    )
-    s.add_argument(
-        "--http-max-connections", type=int, default=1024, help="HTTP connections open at once (past it: 503, closed)"
     )
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: TLS on the gRPC and HTTP ports")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -195,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=None if args.http_port < 0 else args.http_port,
+            http_keepalive_timeout_s=args.http_keepalive_timeout_s,
+            http_body_timeout_s=args.http_body_timeout_s,
+            http_max_connections=args.http_max_connections,
             max_message_bytes=args.max_message_bytes,
             max_pending_calls=args.max_pending_calls,
             transport=args.transport,
@@ -219,7 +229,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             idle_timeout_s=args.idle_timeout_s,
             use_uvloop=not args.no_uvloop,
             loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
-            http_max_connections=args.http_max_connections,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

@@ -39,7 +39,7 @@ from prometheus_client.core import Metric
 from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.errors import Unavailable
-from ferry.server.api.http import HttpLimits, HttpSite, create_http_app
+from ferry.server.api.http import HttpLimits, LimitedSite, create_http_app
 from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
 from ferry.server.config import ServerConfig
 from ferry.server.inference.cache import ResultCache
@@ -85,7 +85,8 @@ def reflection_pool() -> DescriptorPool:
 
 
 class FerryServer:
-    """One Ferry server: the repository, the gRPC server (inference, health, reflection) and HTTP health."""
+    """One Ferry server: the repository, the gRPC server (inference, health, reflection, outcomes) and the HTTP port
+    (the REST API over the same registered handlers, and /metrics)."""
 
     def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
         """``tracing`` defaults to what the OTEL_* environment variables ask for."""
@@ -135,6 +136,7 @@ class FerryServer:
         self._grpc_servicer: InferenceServicer | None = None
         self._models_with_health: set[str] = set()
         self._poller: asyncio.Task[None] | None = None
+        self.services = Services()  # every gRPC method, whichever transport carries gRPC: REST calls through it
 
     def is_ready(self) -> bool:
         if self._draining or not self.repository.loaded:
@@ -159,6 +161,7 @@ class FerryServer:
             self.tls.start()
         elif not _loopback(self.config.host):
             log.warning("listening on %s without TLS: calls and models travel in plaintext", self.config.host)
+        self._register(servicer, self.services)
         self._bind_grpc(servicer)
         await self.update_health()  # NOT_SERVING while models load
         if self.guard is not None:
@@ -225,8 +228,6 @@ class FerryServer:
         )
 
     def _ferry_transport(self, servicer: InferenceServicer) -> Transport:
-        services = Services()
-        self._register(servicer, services)
         config = self.config
         limits = Limits(
             max_message_bytes=config.max_message_bytes,
@@ -236,7 +237,7 @@ class FerryServer:
             keepalive_min_time_s=config.keepalive_min_time_s,
             idle_timeout_s=config.idle_timeout_s,
         )
-        return Transport(services, limits)
+        return Transport(self.services, limits)
 
     def _grpcio_options(self) -> list[tuple[str, int]]:
         config = self.config
@@ -278,14 +279,21 @@ class FerryServer:
         await server.start()
 
     async def _start_http(self, port: int) -> None:
-        limits = HttpLimits(
-            max_body_bytes=self.config.max_message_bytes, max_connections=self.config.http_max_connections
+        limits = self.http_limits()
+        app = create_http_app(lambda: exposition(self._registry), self.services.lookup, limits)
+        # on stop, calls in flight get the drain time, as gRPC's do (aiohttp's default is 60 s)
+        runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=self.config.shutdown_grace_s, **limits.runner_options()
         )
-        app = create_http_app(self.repository, self.is_ready, lambda: exposition(self._registry), limits)
-        runner = web.AppRunner(app, access_log=None, **limits.runner_options())
         await runner.setup()
-        tls = self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None
-        site = HttpSite(runner, self.config.host, port, limits, tls)
+        site = LimitedSite(
+            runner,
+            self.config.host,
+            port,
+            max_connections=limits.max_connections,
+            tls_handshake_timeout_s=limits.tls_handshake_timeout_s,
+            ssl_context=self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None,
+        )
         try:
             await site.start()
         except OSError as err:
@@ -293,6 +301,15 @@ class FerryServer:
             raise Unavailable(f"cannot bind HTTP to {self.config.host}:{port}: {err}") from None
         self._http_runner = runner
         self.http_port = site.port
+
+    def http_limits(self) -> HttpLimits:
+        config = self.config
+        return HttpLimits(
+            max_body_bytes=config.max_message_bytes,
+            body_timeout_s=config.http_body_timeout_s,
+            keepalive_timeout_s=config.http_keepalive_timeout_s,
+            max_connections=config.http_max_connections,
+        )
 
     async def update_health(self) -> None:
         """Publish readiness to the health service: "" and the inference service, and one entry per model."""

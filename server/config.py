@@ -30,7 +30,18 @@ class ServerConfig:
     """gRPC port; 0 picks a free port (the ready line prints it)."""
 
     http_port: int | None = 8000
-    """HTTP port for health endpoints; 0 picks a free port, None turns HTTP off."""
+    """HTTP port: the REST API (the Open Inference Protocol over HTTP) and ``/metrics``; 0 picks a free port, None
+    turns HTTP off."""
+
+    http_keepalive_timeout_s: float = 30.0
+    """An HTTP connection that sends no complete request header within this long, from its opening or its last
+    answer, is closed: idle keep-alive connections and slowloris clients alike."""
+
+    http_body_timeout_s: float = 30.0
+    """An HTTP request body must arrive within this long of its headers, or it is answered 408."""
+
+    http_max_connections: int = 1000
+    """HTTP connections open at once; one past it is answered 503 and closed."""
 
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message received or sent. Larger requests fail with RESOURCE_EXHAUSTED."""
@@ -122,9 +133,6 @@ class ServerConfig:
     """Log a WARNING (at most one per few seconds) when the event loop runs a timer this late: a stall every
     connection felt. The lag itself is always exported as ``ferry_event_loop_lag_seconds``."""
 
-    http_max_connections: int = 1024
-    """Connections the HTTP port holds open at once; one more is answered 503 and closed."""
-
     tls_cert: Path | None = None
     """PEM certificate chain (the server's certificate first, then any intermediates): with ``tls_key``, both ports
     speak TLS only. None: plaintext."""
@@ -191,6 +199,11 @@ class ServerConfig:
             raise InvalidArgument(f"grpc_port must be in 0..65535, got {self.grpc_port}")
         if self.http_port is not None and not (0 <= self.http_port <= 65535):
             raise InvalidArgument(f"http_port must be in 0..65535 or None, got {self.http_port}")
+        for name in ("http_keepalive_timeout_s", "http_body_timeout_s"):
+            if not 0 < getattr(self, name) <= 86400:  # NaN fails too
+                raise InvalidArgument(f"{name} must be in (0, 86400], got {getattr(self, name)}")
+        if not (1 <= self.http_max_connections <= 1_000_000):
+            raise InvalidArgument(f"http_max_connections must be in 1..1000000, got {self.http_max_connections}")
         if not (1024 <= self.max_message_bytes <= 2**31 - 1):
             raise InvalidArgument(f"max_message_bytes must be in 1024..2147483647, got {self.max_message_bytes}")
         if self.transport not in TRANSPORTS:
@@ -235,8 +248,6 @@ class ServerConfig:
             raise InvalidArgument("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key")
         if not 0.1 <= self.tls_reload_check_s <= 86_400:  # NaN fails too
             raise InvalidArgument(f"tls_reload_check_s must be in 0.1..86400, got {self.tls_reload_check_s}")
-        if not (1 <= self.http_max_connections <= 1_000_000):
-            raise InvalidArgument(f"http_max_connections must be in 1..1000000, got {self.http_max_connections}")
         if not 0.0 <= self.audit_sample_rate <= 1.0:  # NaN fails too
             raise InvalidArgument(f"audit_sample_rate must be in [0, 1], got {self.audit_sample_rate}")
         if not self.auth_poll_s > 0:

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
-EXTENSIONS = ("model_configuration", "model_repository", "statistics", "trace")
-"""Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats)."""
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository", "statistics", "trace")
+"""Triton protocol extensions Ferry implements (perf_analyzer reads `statistics` to ask for server stats);
+``binary_tensor_data`` is the REST API's (:mod:`ferry.server.api.rest_tensors`)."""
 
 
 def _unimplemented(feature: str) -> Callable[..., Any]:

@@ -39,6 +39,8 @@ WIRE = ("grpcio", "protobuf", "numpy")
 """ferry-client's dependencies, all of them."""
 SERVER_PACKAGES = ("server", "kernels", "loadtest")
 """The server distribution's folders, installed as ferry.server, ferry.kernels and ferry.loadtest."""
+DATA_FILES = {"server": {"api/openapi.yaml"}}
+"""Files other than modules each folder ships (pyproject.toml's package-data)."""
 
 _NOT_COPIED = {
     ".git",
@@ -168,7 +170,7 @@ def test_server_wheel_installs_everything_under_ferry(source: Path, wheels: dict
     assert shipped == set(SERVER_PACKAGES)
     for package in SERVER_PACKAGES:  # every module of every subpackage, nothing else
         in_wheel = {name.removeprefix(f"ferry/{package}/") for name in names if name.startswith(f"ferry/{package}/")}
-        assert in_wheel == py_files(source / package), package
+        assert in_wheel == py_files(source / package) | DATA_FILES.get(package, set()), package
     for module in ("ferry/server/__main__.py", "ferry/server/app.py", "ferry/kernels/__init__.py"):
         assert module in names
     assert f"ferry-client=={version}" in (meta.get_all("Requires-Dist") or [])
