@@ -139,26 +139,34 @@ class _Gate:
 class _Admitted(asyncio.Protocol):
     """aiohttp's protocol for one connection, made only when the connection is admitted under the limit."""
 
-    __slots__ = ("_gate", "_inner", "_make")
+    __slots__ = ("_busy", "_gate", "_inner", "_make")
 
     def __init__(self, make: Callable[[], asyncio.Protocol], gate: _Gate) -> None:
         self._make = make
         self._gate = gate
         self._inner: Any = None
+        self._busy: asyncio.TimerHandle | None = None  # refused past the limit: the close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self._gate
         if gate.open >= gate.limit:
+            # answered at once; closed when the client closes, or within a second: closing with its request unread
+            # would reset the connection, and the client would lose the answer (what it sends meanwhile is dropped)
             write = getattr(transport, "write", None)  # uvloop's transports are not asyncio.WriteTransport subclasses
             if write is not None:
                 write(_BUSY)
-            transport.close()
+            can_write_eof = getattr(transport, "can_write_eof", None)
+            if can_write_eof is not None and can_write_eof():
+                transport.write_eof()  # type: ignore[attr-defined]
+            self._busy = asyncio.get_running_loop().call_later(1.0, transport.close)
             return
         gate.open += 1
         self._inner = self._make()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy is not None:
+            self._busy.cancel()
         if self._inner is not None:
             self._gate.open -= 1
             self._inner.connection_lost(exc)
@@ -168,7 +176,7 @@ class _Admitted(asyncio.Protocol):
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
+        return self._inner.eof_received() if self._inner is not None else False  # refused: the client is done too
 
     def pause_writing(self) -> None:
         if self._inner is not None:

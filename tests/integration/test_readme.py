@@ -113,6 +113,7 @@ def addresses(example_repo: Path, scratch: Path) -> Iterator[dict[str, str]]:
     """A live ``ferry serve`` of the example repository on free loopback ports, writing the prediction log the
     README's prediction-log section reads."""
     args = ("--model-repository", str(example_repo), "--grpc-port", "0", "--http-port", "0")
+    args += ("--model-control-mode", "explicit", "--load-model", "*")  # the REST and lifecycle examples load models
     with ferry_serve(*args, "--prediction-log", str(scratch / "predictions.jsonl")) as (_, line):
         assert line.startswith("ferry ready:"), line
         http = line.split(" http=")[1].split()[0]

@@ -29,7 +29,7 @@ from tests.serving import BackgroundServer, background_server
 
 @pytest.fixture(scope="module")
 def server(example_repo: Path) -> Iterator[BackgroundServer]:
-    with background_server(example_repo) as running:
+    with background_server(example_repo, model_control_mode="explicit", load_models=("*",)) as running:
         yield running
 
 
@@ -176,8 +176,12 @@ def test_repository_index_load_and_unload(client: th.InferenceServerClient) -> N
     finally:
         client.load_model("digits")
     assert client.is_model_ready("digits")
-    with pytest.raises(InferenceServerException, match="parameters are not supported"):
-        client.load_model("digits", config='{"max_batch_size": 4}')
+    client.load_model("digits", config='{"name": "digits", "max_batch_size": 4}')  # Triton's config override
+    try:
+        assert client.get_model_config("digits")["max_batch_size"] == 4
+    finally:
+        client.load_model("digits")
+    assert client.get_model_config("digits")["max_batch_size"] != 4
 
 
 def test_trace_settings(client: th.InferenceServerClient) -> None:
@@ -354,7 +358,9 @@ def test_perf_analyzer_over_http(port: int, model: str) -> None:
 
 
 def test_rest_under_the_grpcio_transport(example_repo: Path) -> None:
-    with background_server(example_repo, transport="grpcio") as running:
+    with background_server(
+        example_repo, transport="grpcio", model_control_mode="explicit", load_models=("*",)
+    ) as running:
         port = running.server.http_port
         assert port is not None
         c = th.InferenceServerClient(f"127.0.0.1:{port}")
@@ -378,10 +384,10 @@ def test_rest_under_the_grpcio_transport(example_repo: Path) -> None:
 
 @pytest.mark.parametrize("name", ["..", ".", "..%2F..%2Ftmp", "%2Ftmp", "mlp%2F..%2Ftiny", ".hidden"])
 def test_load_takes_only_a_directory_name_of_the_repository(port: int, name: str) -> None:
-    """A model name that would reach outside the repository (or a hidden directory) is an unknown model."""
+    """A model name that would reach outside the repository (or a hidden directory) is refused as malformed."""
     answer = call(port, "POST", f"/v2/repository/models/{name}/load")
-    assert answer.status == 404, answer.body
-    assert "has no directory in the repository" in answer.error
+    assert answer.status == 400, answer.body
+    assert "must be a directory name" in answer.error
     index = call(port, "POST", "/v2/repository/index").json()
     assert {m["name"] for m in index} == {"digits", "imgcls", "mlp", "tiny"}
 

@@ -50,7 +50,7 @@ def test_every_route_is_documented_and_every_documented_route_served() -> None:
 
 @pytest.fixture(scope="module")
 def port(example_repo: Path) -> Iterator[int]:
-    with background_server(example_repo) as running:
+    with background_server(example_repo, model_control_mode="explicit", load_models=("*",)) as running:
         assert running.server.http_port is not None
         yield running.server.http_port
 
