@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from ferry.server.app import FerryServer
 from ferry.server.config import ServerConfig
 from ferry.server.security.tls import CertificateReloader, TlsFiles
 from tests.certs import PKI, Pair, make_pki, serial_of
+from tests.integration.test_rpcs import request_for
 from tests.serving import BackgroundServer, FerryProcess, background_server
 
 TRANSPORTS = ("ferry", "grpcio")
@@ -642,3 +645,34 @@ def test_changed_files_are_picked_up_without_a_signal(repo: Path, pki: PKI, tmp_
         assert served.server.tls is not None and served.server.tls.generation == 2
         with pytest.raises(Unavailable), Client(served.address, retries=0, timeout_s=5) as plain:
             plain.server_live()  # and a plaintext client still gets nothing
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_client_certificate_is_an_identity_of_the_auth_file_on_grpc_and_rest(
+    repo: Path, pki: PKI, tmp_path: Path, transport: str
+) -> None:
+    """mTLS and --auth-config together: the verified client certificate's CN names an identity, with its scopes and
+    models, on the gRPC port (both transports) and on the HTTPS port; another identity's CN gets nothing more."""
+    auth = tmp_path / "auth.json"
+    identity = {"name": "cert-client", "certificate": {"cn": "client.ferry.test"}, "scopes": ["metadata", "health"]}
+    auth.write_text(json.dumps({"identities": [{**identity, "models": ["tiny"]}]}))
+    with tls_server(repo, pki, transport, mtls=True, auth_config_path=auth) as served, served.channel() as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelMetadata(pb.ModelMetadataRequest(name="tiny"), timeout=30).name == "tiny"
+        with pytest.raises(grpc.RpcError) as hidden:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"), timeout=30)
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as denied:
+            stub.ModelInfer(request_for("tiny", {"input": np.ones((1, 16), np.float32)}), timeout=30)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(pki.client.cert, pki.client.key)
+
+        def https(path: str) -> int:
+            try:
+                with urllib.request.urlopen(served.https + path, context=context, timeout=30) as answer:
+                    return int(answer.status)
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        assert (https("/v2/models/tiny"), https("/v2/models/mlp"), https("/v2/models/tiny/config")) == (200, 404, 403)
