@@ -57,6 +57,7 @@ from ferry.server.security.guard import Guard
 from ferry.server.security.guard import metric_families as security_metric_families
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport, grpcaio
+from ferry.server.transport.server import bound_socket
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class FerryServer:
                 # grpc-core may listen from add_insecure_port on: the port is held here (SO_REUSEPORT, as grpc-core
                 # binds it) and handed to grpc.aio once the models are loaded
                 self._grpc_servicer = servicer
-                self._grpc_socket = _reserve(self.config.host, self.config.grpc_port)
+                self._grpc_socket = bound_socket(self.config.host, self.config.grpc_port, reuse_port=True)
                 self.grpc_port = int(self._grpc_socket.getsockname()[1])
         except OSError as err:
             raise Unavailable(f"cannot bind gRPC to {address}: {err}") from None
@@ -385,22 +386,6 @@ class FerryServer:
         ready = sum(m.ready for m in models)
         http = f"{self.config.host}:{self.http_port}" if self.http_port is not None else "off"
         return f"ferry ready: grpc={self.config.host}:{self.grpc_port} http={http} models={ready}/{len(models)} ready"
-
-
-def _reserve(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (0: a free port), not listening, that grpc-core may bind too (SO_REUSEPORT)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 async def serve(config: ServerConfig) -> None:

@@ -15,6 +15,25 @@ from ferry.server.transport.connection import Connection
 from ferry.server.transport.limits import Limits
 
 
+def bound_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: any free port), not listening: connections to it are refused
+    until someone listens. ``reuse_port``: another socket may bind the same address (SO_REUSEPORT, as grpc-core
+    binds). Raises OSError if the address is taken."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Transport:
     """Serves :class:`Services` on one TCP address; :meth:`start`, then :meth:`stop`."""
 
@@ -36,17 +55,7 @@ class Transport:
     def bind(self, host: str, port: int) -> int:
         """Take ``host:port`` without listening yet: connections are refused (not left hanging in a backlog) until
         :meth:`listen`, so balancers pass a replica that is still loading by. Returns the port bound."""
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except BaseException:
-            sock.close()
-            raise
-        self._socket = sock
+        self._socket = sock = bound_socket(host, port)
         return int(sock.getsockname()[1])
 
     async def listen(self, tls: ssl.SSLContext | None = None) -> None:
@@ -92,4 +101,4 @@ class Transport:
         self._server = None
 
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "bound_socket"]
