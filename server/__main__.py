@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from ferry.server.config import (
     ServerConfig,
 )
 from ferry.server.security.auth import hash_token
+from ferry.server.workers.worker import ENV as WORKER_ENV
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -165,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
         "--repository-poll-secs", type=float, default=15.0, help="poll mode: seconds between repository polls"
     )
     s.add_argument("--model-load-threads", type=int, default=4, help="threads loading models side by side")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the ports (SO_REUSEPORT) under one supervisor; 1: this process serves",
+    )
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log level")
     from ferry.loadtest.cli import add_arguments  # argparse only: the load generator is imported by its handler
 
@@ -195,7 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(hash_token(token))
         return 0
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = os.environ.get(WORKER_ENV, "").split("/")[0]
+    where = f" [worker {worker}]" if worker else ""
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s")
     try:
         config = ServerConfig.build(
             model_repository=args.model_repository,
@@ -244,7 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_models=tuple(args.load_model or ()),
             repository_poll_secs=args.repository_poll_secs,
             model_load_threads=args.model_load_threads,
+            workers=args.workers,
         )
+        if config.workers > 1:
+            from ferry.server.workers.supervisor import supervise
+
+            return run(supervise(config, argv if argv is not None else sys.argv[1:]), config.use_uvloop)
         run(serve(config), config.use_uvloop)
     except FerryError as err:
         print(f"ferry: {err.message}", file=sys.stderr)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -35,6 +37,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
@@ -58,6 +61,8 @@ from ferry.server.security.guard import metric_families as security_metric_famil
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport, grpcaio
 from ferry.server.transport.server import bound_socket
+from ferry.server.workers.merge import merge_metrics
+from ferry.server.workers.worker import FleetOutcomes, FleetServicer, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +94,11 @@ class FerryServer:
     """One Ferry server: the repository, the gRPC server (inference, health, reflection, outcomes) and the HTTP port
     (the REST API over the same registered handlers, and /metrics)."""
 
-    def __init__(self, config: ServerConfig, tracing: Tracing | None = None) -> None:
-        """``tracing`` defaults to what the OTEL_* environment variables ask for."""
+    def __init__(self, config: ServerConfig, tracing: Tracing | None = None, worker: WorkerLink | None = None) -> None:
+        """``tracing`` defaults to what the OTEL_* environment variables ask for. ``worker``: this server is one of
+        several workers (:mod:`ferry.server.workers`), linked to their supervisor."""
         self.config = config
+        self.worker = worker
         self.cache = ResultCache(config.cache_max_bytes)
         self.tracing = tracing if tracing is not None else Tracing.from_env()
         log_settings = PredictionLogSettings(
@@ -134,7 +141,7 @@ class FerryServer:
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._transport: Transport | None = None
         self._grpc_socket: socket.socket | None = None  # holds the grpcio port until grpc.aio listens on it
-        self._grpc_servicer: InferenceServicer | None = None
+        self._grpc_servicer: tuple[Any, Any] | None = None  # the inference and outcome services, for grpcio
         self._models_with_health: set[str] = set()
         self._poller: asyncio.Task[None] | None = None
         self.services = Services()  # every gRPC method, whichever transport carries gRPC: REST calls through it
@@ -162,14 +169,26 @@ class FerryServer:
             self.tls.start()
         elif not _loopback(self.config.host):
             log.warning("listening on %s without TLS: calls and models travel in plaintext", self.config.host)
-        self._register(servicer, self.services)
-        self._bind_grpc(servicer)
+        outcomes = OutcomeServicer(self.monitoring.outcomes, self.tracing)
+        public: Any = servicer
+        public_outcomes: Any = outcomes
+        if self.worker is not None:  # the methods every worker answers together go through the supervisor
+            local = Services()
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, local)
+            self.worker.attach(local, lambda: exposition(self._registry), self.monitoring.outcomes)
+            self.worker.start()
+            public = FleetServicer(servicer, self.worker)
+            public_outcomes = FleetOutcomes(outcomes, self.monitoring.outcomes, self.worker)
+        self._register(public, public_outcomes, self.services)
+        self._bind_grpc(public, public_outcomes)
         await self.update_health()  # NOT_SERVING while models load
         if self.guard is not None:
             self.guard.start()  # watches the auth file
         if self.config.http_port is not None:
             await self._start_http(self.config.http_port)
         await self.repository.load_startup()
+        if self.worker is not None:
+            await self.worker.join()  # the changes made through the other workers, before taking calls
         await self.update_health()
         await self._listen_grpc()
         if self.config.model_control_mode == "poll":
@@ -185,17 +204,18 @@ class FerryServer:
             except Exception:  # a poll that failed is logged; the next one tries again
                 log.exception("repository poll failed")
 
-    def _bind_grpc(self, servicer: InferenceServicer) -> None:
+    def _bind_grpc(self, servicer: Any, outcomes: Any) -> None:
         """Take the gRPC port, not yet accepting (see the module docstring: start before serve)."""
         address = f"{self.config.host}:{self.config.grpc_port}"
         try:
             if self.config.transport == "ferry":
-                self._transport = self._ferry_transport(servicer)
-                self.grpc_port = self._transport.bind(self.config.host, self.config.grpc_port)
+                self._transport = self._ferry_transport()
+                reuse = self.worker is not None  # the workers share the port
+                self.grpc_port = self._transport.bind(self.config.host, self.config.grpc_port, reuse_port=reuse)
             else:
                 # grpc-core may listen from add_insecure_port on: the port is held here (SO_REUSEPORT, as grpc-core
                 # binds it) and handed to grpc.aio once the models are loaded
-                self._grpc_servicer = servicer
+                self._grpc_servicer = (servicer, outcomes)
                 self._grpc_socket = bound_socket(self.config.host, self.config.grpc_port, reuse_port=True)
                 self.grpc_port = int(self._grpc_socket.getsockname()[1])
         except OSError as err:
@@ -207,28 +227,26 @@ class FerryServer:
             await self._transport.listen(tls)
         elif self._grpc_servicer is not None:
             try:
-                await self._start_grpcio(self._grpc_servicer)
+                await self._start_grpcio(*self._grpc_servicer)
             finally:
                 if self._grpc_socket is not None:
                     self._grpc_socket.close()
                     self._grpc_socket = None
 
-    def _register(self, servicer: InferenceServicer, server: Any) -> None:
+    def _register(self, servicer: Any, outcomes: Any, server: Any) -> None:
         """Every gRPC service Ferry serves, on either transport (both take generated code's registrations). With
         auth on, every method is registered guarded (:meth:`Guard.registrar`); without it, as it is."""
         if self.guard is not None:
             server = self.guard.registrar(server)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(
-            OutcomeServicer(self.monitoring.outcomes, self.tracing), server
-        )
+        ferry_pb2_grpc.add_OutcomeServiceServicer_to_server(outcomes, server)
         services = (SERVICE_NAME, OUTCOME_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(services, pool=reflection_pool()), server
         )
 
-    def _ferry_transport(self, servicer: InferenceServicer) -> Transport:
+    def _ferry_transport(self) -> Transport:
         config = self.config
         limits = Limits(
             max_message_bytes=config.max_message_bytes,
@@ -263,10 +281,10 @@ class FerryServer:
             options.append(("grpc.max_connection_idle_ms", round(config.idle_timeout_s * 1000)))
         return options
 
-    async def _start_grpcio(self, servicer: InferenceServicer) -> None:
+    async def _start_grpcio(self, servicer: Any, outcomes: Any) -> None:
         self._admission = grpcaio.Admission()
         self._grpc = server = grpc.aio.server(options=self._grpcio_options(), interceptors=[self._admission])
-        self._register(servicer, server)
+        self._register(servicer, outcomes, server)
         address = f"{self.config.host}:{self.grpc_port}"
         try:
             if self.tls is not None:
@@ -281,7 +299,7 @@ class FerryServer:
 
     async def _start_http(self, port: int) -> None:
         limits = self.http_limits()
-        app = create_http_app(lambda: exposition(self._registry), self.services.lookup, limits)
+        app = create_http_app(self._scrape, self.services.lookup, limits)
         # on stop, calls in flight get the drain time, as gRPC's do (aiohttp's default is 60 s)
         runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=self.config.shutdown_grace_s, **limits.runner_options()
@@ -294,6 +312,7 @@ class FerryServer:
             max_connections=limits.max_connections,
             tls_handshake_timeout_s=limits.tls_handshake_timeout_s,
             ssl_context=self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None,
+            reuse_port=self.worker is not None,
         )
         try:
             await site.start()
@@ -302,6 +321,17 @@ class FerryServer:
             raise Unavailable(f"cannot bind HTTP to {self.config.host}:{port}: {err}") from None
         self._http_runner = runner
         self.http_port = site.port
+
+    def _scrape(self) -> bytes | Awaitable[bytes]:
+        """``GET /metrics``: this server's metrics; with several workers, every worker's merged."""
+        if self.worker is None:
+            return exposition(self._registry)
+        return self._scrape_workers()
+
+    async def _scrape_workers(self) -> bytes:
+        assert self.worker is not None
+        texts, supervisor = await self.worker.metrics()
+        return merge_metrics(texts, text_string_to_metric_families(supervisor.decode()))
 
     def http_limits(self) -> HttpLimits:
         config = self.config
@@ -356,6 +386,8 @@ class FerryServer:
         self.tracing.shutdown()
         if self.tls is not None:
             await self.tls.stop()
+        if self.worker is not None:
+            await self.worker.stop()
         if self.monitoring.predlog is not None:
             await asyncio.to_thread(self.monitoring.predlog.close)
         self.loopwatch.stop()
@@ -389,10 +421,18 @@ class FerryServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then drain (see the module docstring). Prints one line when ready."""
-    server = FerryServer(config)
+    """Run a server until SIGINT or SIGTERM, then drain (see the module docstring). Prints one line when ready.
+    Started by a supervisor as one of several workers (:mod:`ferry.server.workers`), it tells the supervisor
+    instead, writes its own prediction and audit logs, and stops as on SIGTERM if the supervisor goes away."""
+    worker = WorkerLink.from_env(2 * config.max_message_bytes + 2**20)
+    if worker is not None:
+        config = _worker_config(config, worker.index)
+    server = FerryServer(config, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if worker is not None:
+        orphaned = loop.create_task(worker.channel.closed.wait())
+        orphaned.add_done_callback(lambda _: stop.set())
 
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():  # the second signal: no more waiting
@@ -414,7 +454,10 @@ async def serve(config: ServerConfig) -> None:
     try:
         await server.start()
         if not stop.is_set():  # a signal while loading: never ready, so no one to tell by draining
-            print(server.ready_line(), flush=True)
+            if worker is not None:
+                await worker.ready(server.ready_line())
+            else:
+                print(server.ready_line(), flush=True)
             await stop.wait()
             await server.drain()
             log.info(
@@ -425,6 +468,20 @@ async def serve(config: ServerConfig) -> None:
             await asyncio.sleep(config.drain_delay_s)
     finally:
         await server.stop()
+
+
+def _worker_config(config: ServerConfig, index: int) -> ServerConfig:
+    """A worker's configuration: its own prediction and audit log files (``predictions.jsonl`` →
+    ``predictions.w1.jsonl``), as one file rotated by several processes would lose lines."""
+
+    def own(path: Path | None) -> Path | None:
+        return None if path is None else path.with_name(f"{path.stem}.w{index}{path.suffix}")
+
+    return dataclasses.replace(
+        config,
+        prediction_log_path=own(config.prediction_log_path),
+        audit_log_path=own(config.audit_log_path),
+    )
 
 
 def _loopback(host: str) -> bool:

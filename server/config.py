@@ -190,6 +190,10 @@ class ServerConfig:
     """Threads that build and warm model versions: loads of different models run side by side, at most this many
     (Triton's default: 4); loads of one model wait for each other."""
 
+    workers: int = 1
+    """Server processes on the same ports (``SO_REUSEPORT``) under one supervisor (:mod:`ferry.server.workers`);
+    1: this process is the server."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -269,6 +273,8 @@ class ServerConfig:
             raise InvalidArgument("load_models: '*' (all models) must be the only one named")
         if not 0.1 <= self.repository_poll_secs <= 86400:  # NaN fails too
             raise InvalidArgument(f"repository_poll_secs must be in 0.1..86400, got {self.repository_poll_secs}")
+        if not 1 <= self.workers <= 256:
+            raise InvalidArgument(f"workers must be in 1..256, got {self.workers}")
         if not 1 <= self.model_load_threads <= 64:
             raise InvalidArgument(f"model_load_threads must be in 1..64, got {self.model_load_threads}")
         if not self.model_repository.is_dir():

@@ -17,8 +17,9 @@ past ``max_connections`` are answered 503 and closed at once; a client that goes
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -106,13 +107,17 @@ class _Handler(web.RequestHandler):
 
 
 def create_http_app(
-    metrics: Callable[[], bytes], lookup: Lookup | None = None, limits: HttpLimits | None = None
+    metrics: Callable[[], bytes | Awaitable[bytes]], lookup: Lookup | None = None, limits: HttpLimits | None = None
 ) -> web.Application:
-    """``/metrics``, and the REST API on the services ``lookup`` finds (without one, only ``/metrics``)."""
+    """``/metrics`` (the text ``metrics`` gives), and the REST API on the services ``lookup`` finds (without one,
+    only ``/metrics``)."""
     limits = limits or HttpLimits()
 
     async def scrape(request: web.Request) -> web.Response:
-        return web.Response(body=metrics(), content_type="text/plain", charset="utf-8", headers=_VERSION_HEADER)
+        body = metrics()
+        if inspect.isawaitable(body):  # several workers: gathered from the others
+            body = await body
+        return web.Response(body=body, content_type="text/plain", charset="utf-8", headers=_VERSION_HEADER)
 
     app = web.Application(middlewares=[json_errors], client_max_size=limits.max_body_bytes)
     if lookup is not None:  # first: aiohttp tries routes in registration order, and inference is the hot path

@@ -176,8 +176,10 @@ class OutcomeTracker:
                 self._pending.popitem(last=False)
                 self.forgotten += 1
 
-    def report(self, outcomes: Sequence[ReportedOutcome]) -> ReportResult:
-        """Join outcomes with remembered predictions: all of them or, if one is malformed, none (InvalidArgument)."""
+    def report(self, outcomes: Sequence[ReportedOutcome], count_unmatched: bool = True) -> ReportResult:
+        """Join outcomes with remembered predictions: all of them or, if one is malformed, none (InvalidArgument).
+        ``count_unmatched`` False: the caller counts the unmatched ones (:meth:`count_unmatched`) once it has
+        offered them elsewhere (another worker's predictions)."""
         with self._lock:
             joined: list[tuple[tuple[str, str], _Pending, int, float]] = []
             unmatched: list[int] = []
@@ -205,8 +207,13 @@ class OutcomeTracker:
                     window = self._windows[(key[0], entry.version)] = _Window(entry.task, deque(maxlen=self.window))
                 window.add(score)
             self.matched += len(joined)
-            self.unmatched += len(unmatched)
+            if count_unmatched:
+                self.unmatched += len(unmatched)
             return ReportResult(len(joined), tuple(unmatched))
+
+    def count_unmatched(self, count: int) -> None:
+        with self._lock:
+            self.unmatched += count
 
     def stats(self, model: str, version: int) -> OutcomeStats | None:
         """The version's window, or None before its first joined outcome."""
@@ -283,7 +290,7 @@ class OutcomeServicer(fpb_grpc.OutcomeServiceServicer):
 
     @rpc
     async def ReportOutcomes(self, request: fpb.ReportOutcomesRequest, context: object) -> fpb.ReportOutcomesResponse:
-        outcomes = [_from_proto(i, o) for i, o in enumerate(request.outcomes)]
+        outcomes = [from_proto(i, o) for i, o in enumerate(request.outcomes)]
         result = self._tracker.report(outcomes)
         return fpb.ReportOutcomesResponse(
             matched=result.matched,
@@ -292,7 +299,7 @@ class OutcomeServicer(fpb_grpc.OutcomeServiceServicer):
         )
 
 
-def _from_proto(i: int, outcome: fpb.Outcome) -> ReportedOutcome:
+def from_proto(i: int, outcome: fpb.Outcome) -> ReportedOutcome:
     kind = outcome.WhichOneof("value")
     if kind is None:
         raise InvalidArgument(f"outcome {i}: no value: set label, target or class_label")
@@ -317,4 +324,5 @@ __all__ = [
     "OutcomeTracker",
     "ReportResult",
     "ReportedOutcome",
+    "from_proto",
 ]

@@ -52,10 +52,12 @@ class Transport:
         await self.listen(tls)
         return port
 
-    def bind(self, host: str, port: int) -> int:
+    def bind(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Take ``host:port`` without listening yet: connections are refused (not left hanging in a backlog) until
-        :meth:`listen`, so balancers pass a replica that is still loading by. Returns the port bound."""
-        self._socket = sock = bound_socket(host, port)
+        :meth:`listen`, so balancers pass a replica that is still loading by. Returns the port bound.
+        ``reuse_port``: other processes may serve the same port (``SO_REUSEPORT``; the kernel spreads
+        connections over the sockets listening)."""
+        self._socket = sock = bound_socket(host, port, reuse_port)
         return int(sock.getsockname()[1])
 
     async def listen(self, tls: ssl.SSLContext | None = None) -> None:

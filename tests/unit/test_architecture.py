@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 ORDER = ("transport", "api", "inference", "models", "security")  # each may import the rooms after it
 LEAVES = ("observability", "config")
-TOP = ("app", "__main__", "__init__")
+TOP = ("app", "__main__", "__init__", "workers")  # composition: servers (workers) of rooms (app)
 
 KNOWN = {
     ("inference.call", "api.codec"): "inference still decodes and encodes protobuf itself; to move into api (REST)",
