@@ -91,10 +91,11 @@ def serving(
     log: IO[str],
     env: dict[str, str] | None = None,
     cwd: Path = ROOT,
+    address: str = "grpc",
 ) -> Iterator[Running]:
     """Start ``cmd`` in its own process group, wait for ``READY_PREFIX ... grpc=HOST:PORT`` on its stdout (copied to
-    ``log``, as its stderr is), and in ``finally`` stop it: SIGTERM, wait, then SIGKILL to whatever is left of its
-    group."""
+    ``log``, as its stderr is; ``address="http"``: ``http=HOST:PORT``, the address yielded), and in ``finally`` stop
+    it: SIGTERM, wait, then SIGKILL to whatever is left of its group."""
     log.write(f"=== {name}: {shlex.join(cmd)}\n")
     log.flush()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env,
@@ -104,7 +105,7 @@ def serving(
     drain = threading.Thread(target=_drain, args=(proc.stdout, lines, log), name=f"{name}-stdout", daemon=True)
     drain.start()
     try:
-        yield Running(name, proc.pid, _await_ready(name, lines, ready_prefix))
+        yield Running(name, proc.pid, _await_ready(name, lines, ready_prefix, address))
     finally:
         proc.terminate()
         try:
@@ -127,7 +128,7 @@ def _drain(stdout: IO[str], lines: queue.Queue[str | None], log: IO[str]) -> Non
     lines.put(None)
 
 
-def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str) -> str:
+def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str, address: str = "grpc") -> str:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while (left := deadline - time.monotonic()) > 0:
         try:
@@ -136,7 +137,7 @@ def _await_ready(name: str, lines: queue.Queue[str | None], prefix: str) -> str:
             break
         if line is None:
             raise RuntimeError(f"{name} exited before it was ready (its output is in the servers log)")
-        found = re.search(r"grpc=([\w.\-]+:\d+)", line)
+        found = re.search(rf"\b{address}=([\w.\-]+:\d+)", line)
         if line.startswith(prefix) and found:
             return found.group(1)
     raise RuntimeError(f"{name} printed no ready line within {READY_TIMEOUT_S}s")

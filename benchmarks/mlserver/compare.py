@@ -87,8 +87,10 @@ def mlserver_python(venv: Path) -> Path:
 
 
 @contextlib.contextmanager
-def mlserver(venv: Path, models: Path, config: mls_config.MLServerConfig, log: IO[str]) -> Iterator[Running]:
-    """MLServer serving ``MODELS`` from ``models`` with ``config``, on free 127.0.0.1 ports."""
+def mlserver(venv: Path, models: Path, config: mls_config.MLServerConfig, log: IO[str],
+             address: str = "grpc") -> Iterator[Running]:  # fmt: skip
+    """MLServer serving ``MODELS`` from ``models`` with ``config``, on free 127.0.0.1 ports; the ``Running``'s address
+    is its gRPC one (``address="http"``: its REST one)."""
     with tempfile.TemporaryDirectory(prefix="ferry-mlserver-") as tmp:
         folder = mls_config.write_folder(models, MODELS, Path(tmp) / "settings", config)
         configs = Path(tmp) / "model-configs.json"
@@ -97,7 +99,7 @@ def mlserver(venv: Path, models: Path, config: mls_config.MLServerConfig, log: I
         env.pop("VIRTUAL_ENV", None)
         cmd = [str(mlserver_python(venv)), str(HERE / "launch.py"), str(folder), "--host", "127.0.0.1",
                "--model-configs", str(configs)]  # fmt: skip
-        with serving("mlserver", cmd, "mlserver ready:", log, env=env, cwd=Path(tmp)) as running:
+        with serving("mlserver", cmd, "mlserver ready:", log, env=env, cwd=Path(tmp), address=address) as running:
             yield running
 
 
@@ -181,10 +183,10 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 def measure_drive(server: Running, model: str, shape: Shape, concurrency: int, duration_s: float,
-                  warmup_s: float) -> dict[str, Any]:  # fmt: skip
+                  warmup_s: float, client: str = "wire") -> dict[str, Any]:  # fmt: skip
     cpu0, t0 = tree_cpu_seconds(server.pid), time.perf_counter()
     result = drive.run(server.address, model, shape.features, concurrency=concurrency, duration_s=duration_s,
-                       warmup_s=warmup_s)  # fmt: skip
+                       warmup_s=warmup_s, client=client, expect_shape=(1, shape.outputs))  # fmt: skip
     cpu, wall = tree_cpu_seconds(server.pid) - cpu0, time.perf_counter() - t0
     out = asdict(result)
     # the server's CPU over the whole run (warm-up included) per request, estimated as throughput x run time

@@ -1,4 +1,4 @@
-"""A small closed-loop gRPC load generator that drives any Open Inference Protocol server the same way.
+"""A small closed-loop load generator that drives any Open Inference Protocol server the same way, over gRPC or REST.
 
 N workers on one connection each send unary ``ModelInfer`` back to back for a fixed time. The request is
 serialized **once** (``raw_input_contents``, FP32) and sent as bytes, and replies are not parsed: the generator
@@ -7,6 +7,12 @@ spends no time in protobuf per call, and with its default client, :mod:`ferry.lo
 response per run is parsed and checked (output name, shape, size). Counted: calls that completed inside the
 measurement window (after a warm-up), their latencies (send to answer, µs), errors by status code, and the
 generator's own CPU time per request.
+
+Over REST (``--client http-json`` or ``http-binary``, ``--target`` the REST address) the workers share one
+:class:`ferry.loadtest.rest.HttpClient` (aiohttp, keep-alive HTTP/1.1, one connection per request in flight), which
+sends each request to ``POST /v2/models/{model}/infer`` as V2 JSON or with Triton's binary tensor extension and
+needs nothing else of the server but ``GET /v2/health/ready``: no Triton-only endpoint, so MLServer and KServe
+answer it too.
 
     python -m benchmarks.mlserver.drive --target 127.0.0.1:8001 --model mlp --features 256 -c 8 -d 5
 """
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import resource
 import sys
 import time
@@ -31,6 +38,7 @@ from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.loadtest.generator import make_client
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+CLIENTS = ("wire", "grpcio", "http-json", "http-binary")
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
@@ -80,6 +88,27 @@ def decode_output(response: bytes, name: str = "output") -> np.ndarray:
     raise ValueError(f"no output {name!r} in the response: {[o.name for o in message.outputs]}")
 
 
+def decode_rest_output(body: bytes, name: str = "output") -> np.ndarray:
+    """The FP32 output ``name`` of a REST infer answer: V2 JSON, or Triton's binary extension (a JSON header, then
+    each binary output's bytes in order; the header's length is where its JSON document ends)."""
+    header, offset = json.JSONDecoder().raw_decode(body.decode("latin-1"))  # latin-1: one char per byte
+    for out in header.get("outputs", []):
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        if out.get("name") == name:
+            if out.get("datatype") != "FP32":
+                raise ValueError(f"output {name!r} is {out.get('datatype')}, expected FP32")
+            shape = tuple(int(d) for d in out["shape"])
+            if size is None:
+                values = np.asarray(out["data"], dtype=np.float32)
+            else:
+                values = np.frombuffer(body, dtype="<f4", count=int(size) // 4, offset=offset)
+            if values.size != math.prod(shape):
+                raise ValueError(f"output {name!r} has {values.size} values for shape {list(shape)}")
+            return values.reshape(shape)
+        offset += int(size or 0)
+    raise ValueError(f"no output {name!r} in the response: {[o.get('name') for o in header.get('outputs', [])]}")
+
+
 async def infer_once(target: str, payload: bytes, timeout_s: float = 10) -> bytes:
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
@@ -107,7 +136,7 @@ async def drive(
         status = await caller.unary(payload, timeout_s, replies.append)
         if status != "OK":
             raise ValueError(f"{target} {model}: the first call failed with {status}")
-        out = decode_output(replies[0])
+        out = (decode_rest_output if client.startswith("http-") else decode_output)(replies[0])
         if expect_shape is not None and out.shape != expect_shape:
             raise ValueError(f"{target} {model}: output shape {out.shape}, expected {expect_shape}")
         clock = time.perf_counter_ns
@@ -173,12 +202,12 @@ def run(
     duration_s: float,
     warmup_s: float = 1.0,
     client: str = "wire",
+    expect_shape: tuple[int, ...] | None = None,
 ) -> Result:
     """Synchronous wrapper: one measurement in a fresh event loop (uvloop when installed, as the servers use)."""
     payload, _ = request_bytes(model, features)
-    coro = drive(
-        target, model, payload, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s, client=client
-    )
+    coro = drive(target, model, payload, concurrency=concurrency, duration_s=duration_s, warmup_s=warmup_s,
+                 client=client, expect_shape=expect_shape)  # fmt: skip
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -188,13 +217,18 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mlserver.drive", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC server")
+    parser.add_argument("--target", required=True, help="HOST:PORT of the gRPC server (of the REST API: http-*)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--features", type=int, required=True, help="input width (mlp 256, tiny 16)")
     parser.add_argument("-c", "--concurrency", type=int, default=1)
     parser.add_argument("-d", "--duration", type=float, default=5.0, help="measurement window, seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window")
-    parser.add_argument("--client", choices=("wire", "grpcio"), default="wire", help="ferry.loadtest.wire or grpc.aio")
+    parser.add_argument(
+        "--client",
+        choices=CLIENTS,
+        default="wire",
+        help="gRPC: ferry.loadtest.wire or grpc.aio; REST: V2 JSON or Triton's binary extension",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 600 or not 0 < args.concurrency <= 4096:
         parser.error("duration must be in (0, 600] s and concurrency in 1..4096")

@@ -46,6 +46,7 @@ _NOT_COPIED = {
     ".git",
     ".venv",
     ".venv-mlserver",
+    ".venv-kserve",
     "__pycache__",
     ".pytest_cache",
     ".mypy_cache",
