@@ -7,9 +7,10 @@ response is encoded; it never raises and never waits. A sampled run is dropped, 
 - ``max_in_flight``: the model already has that many shadow runs (its ``shadow`` parameter);
 - ``queued``: the shadow version's batcher has requests waiting (real traffic to it comes first);
 - ``saturated``: the event loop was busy (running, or waiting for a CPU) for more than ``max_loop_busy`` of its
-  last sampled interval (:class:`~ferry.server.observability.loopwatch.LoopWatch`). A busy loop has no spare
-  capacity: a shadow's work on it, or on the CPUs it shares with the worker threads, would delay the calls it
-  serves. Still, one sampled request per model per :data:`TRICKLE_S` runs its shadow however busy the server is,
+  last sampled interval (:class:`~ferry.server.observability.loopwatch.LoopWatch`), and has not yet come back under
+  ``max_loop_busy * (1 - HYSTERESIS)`` (one sample near the bound does not flip it back and forth). A busy loop has
+  no spare capacity: a shadow's work on it, or on the CPUs it shares with the worker threads, would delay the calls
+  it serves. Still, one sampled request per model per :data:`TRICKLE_S` runs its shadow however busy the server is,
   so a saturated server keeps comparing the two versions, at a cost no caller can see;
 - ``withdrawn``: the model, or its shadow, was unloaded or reconfigured meanwhile; ``shutdown``: the server stops.
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 TRICKLE_S = 1.0
 """However busy the server, one sampled request per model per this many seconds still runs its shadow."""
+
+HYSTERESIS = 0.2
+"""Saturated once the loop is busier than ``max_loop_busy``; no longer once it is this share less busy than that."""
 
 DROP_REASONS = {
     "max_in_flight": "the model had max_in_flight shadow runs",
@@ -135,6 +139,7 @@ class ShadowRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: Counter[str] = Counter()  # shadow runs per model
         self._started: dict[str, float] = {}  # per model: when its latest shadow run started (monotonic)
+        self._saturated = False
         self._closed = False
         self.stats: dict[tuple[str, int, int], ShadowStats] = {}
 
@@ -201,10 +206,19 @@ class ShadowRunner:
         if shadow.queued:
             return "queued"
         now = time.monotonic()
-        if self._loop_busy() > self._max_loop_busy and now - self._started.get(primary.name, -math.inf) < TRICKLE_S:
+        if self.saturated() and now - self._started.get(primary.name, -math.inf) < TRICKLE_S:
             return "saturated"
         self._started[primary.name] = now
         return None
+
+    def saturated(self) -> bool:
+        """Whether the event loop has no spare capacity for shadow runs, with hysteresis (see the module doc)."""
+        busy = self._loop_busy()
+        if busy > self._max_loop_busy:
+            self._saturated = True
+        elif busy < self._max_loop_busy * (1 - HYSTERESIS):
+            self._saturated = False
+        return self._saturated
 
     async def _run(
         self,
@@ -306,4 +320,4 @@ class ShadowRunner:
         yield from (runs, dropped, failed, latency, compared, agreement, difference)
 
 
-__all__ = ["DROP_REASONS", "TRICKLE_S", "OutputAgreement", "ShadowRunner", "ShadowStats", "compare"]
+__all__ = ["DROP_REASONS", "HYSTERESIS", "TRICKLE_S", "OutputAgreement", "ShadowRunner", "ShadowStats", "compare"]
