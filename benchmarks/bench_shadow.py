@@ -95,7 +95,7 @@ def shadow_metrics(http_port: int, model: str) -> dict[str, float]:
             if s.name.startswith("ferry_shadow_") and s.labels.get("model") == model and "le" not in s.labels:
                 qualifier = s.labels.get("output") or s.labels.get("reason")  # dropped: by reason, and summed
                 out[s.name + (f"[{qualifier}]" if qualifier else "")] = s.value
-                if s.name == "ferry_shadow_dropped_total":
+                if "reason" in s.labels:
                     out[s.name] = out.get(s.name, 0.0) + s.value
         if family.name == "ferry_event_loop_busy_ratio":
             out["loop_busy_at_end"] = family.samples[0].value
