@@ -112,12 +112,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [args.model] if args.model else list(MODELS)
     results: dict[str, Any] = {"machine": machine(), "fraction": args.fraction, "concurrency": args.concurrency,
                                "requests": args.requests, "rounds": args.rounds, "control": args.control,
+                               "shadow_max_loop_busy": args.shadow_max_loop_busy,
                                "models": {}}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, (args.out / "bench_shadow.log").open("w") as log:
         repo = build_repository(args.models, Path(tmp), names, args.fraction, args.control)
         http_port = free_port()
         command = [*ferry_command(repo), "--http-port", str(http_port)]  # the last --http-port wins
+        if args.shadow_max_loop_busy is not None:
+            command += ["--shadow-max-loop-busy", str(args.shadow_max_loop_busy)]
         with serving("ferry", command, "ferry ready:", log) as ferry:
             for name in names:
                 off, on = request_for(name, MODELS[name]), request_for(f"{name}_shadowed", MODELS[name])
@@ -153,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3000, help="calls per side per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--shadow-max-loop-busy", type=float, help="the server's flag (default: the server's)")
     parser.add_argument("--control", action="store_true", help="A/A: no shadow on either side (the noise floor)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls, one round each way")
     args = parser.parse_args(argv)
