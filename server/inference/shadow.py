@@ -131,8 +131,10 @@ class ShadowRunner:
         tracing: Tracing = NO_TRACING,
         loop_busy: Callable[[], float] = lambda: 0.0,
         max_loop_busy: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repository = repository
+        self._clock = clock  # for the trickle
         self._tracing = tracing
         self._loop_busy = loop_busy
         self._max_loop_busy = max_loop_busy
@@ -205,7 +207,7 @@ class ShadowRunner:
             return "max_in_flight"
         if shadow.queued:
             return "queued"
-        now = time.monotonic()
+        now = self._clock()
         if self.saturated() and now - self._started.get(primary.name, -math.inf) < TRICKLE_S:
             return "saturated"
         self._started[primary.name] = now
