@@ -6,7 +6,9 @@ One ``ferry serve`` holds each model twice, as ``NAME`` and ``NAME_shadowed``: v
 example's version 1), ``dynamic_batching { }``, and for ``NAME_shadowed`` the parameter ``shadow`` =
 ``version=2,fraction=F``. Closed-loop gRPC callers (``--concurrency``) send version 1 of one, then of the other
 (the order alternates by round), ``--requests`` calls each; the ratio of their latency percentiles is taken per
-round, so both sides share the machine's state. The shadow's own runs, drops and latency come from ``/metrics``.
+round, so both sides share the machine's state. The shadow's own runs, drops (by reason) and latency come from
+``/metrics``. ``--control`` leaves the shadow out of ``NAME_shadowed``: an A/A run, whose ratios show the noise floor
+(two identical models on one server) that the shadow's ratios are read against.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ from ferry.client.tensors import to_raw
 MODELS = {"mlp": 256, "tiny": 16}  # model -> input features
 
 
-def build_repository(models: Path, root: Path, names: Sequence[str], fraction: float) -> Path:
+def build_repository(models: Path, root: Path, names: Sequence[str], fraction: float, control: bool = False) -> Path:
     for name in names:
-        for served, shadow in ((name, ""), (f"{name}_shadowed", f"version=2,fraction={fraction}")):
+        shadowed = "" if control else f"version=2,fraction={fraction}"
+        for served, shadow in ((name, ""), (f"{name}_shadowed", shadowed)):
             for version in ("1", "2"):
                 (root / served / version).mkdir(parents=True)
                 shutil.copy(models / name / "1" / "model.onnx", root / served / version / "model.onnx")
@@ -90,7 +93,12 @@ def shadow_metrics(http_port: int, model: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name.startswith("ferry_shadow_") and s.labels.get("model") == model and "le" not in s.labels:
-                out[s.name + (f"[{s.labels['output']}]" if "output" in s.labels else "")] = s.value
+                qualifier = s.labels.get("output") or s.labels.get("reason")  # dropped: by reason, and summed
+                out[s.name + (f"[{qualifier}]" if qualifier else "")] = s.value
+                if "reason" in s.labels:
+                    out[s.name] = out.get(s.name, 0.0) + s.value
+        if family.name == "ferry_event_loop_busy_ratio":
+            out["loop_busy_at_end"] = family.samples[0].value
     return out
 
 
@@ -103,12 +111,16 @@ def free_port() -> int:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [args.model] if args.model else list(MODELS)
     results: dict[str, Any] = {"machine": machine(), "fraction": args.fraction, "concurrency": args.concurrency,
-                               "requests": args.requests, "rounds": args.rounds, "models": {}}  # fmt: skip
+                               "requests": args.requests, "rounds": args.rounds, "control": args.control,
+                               "shadow_max_loop_busy": args.shadow_max_loop_busy,
+                               "models": {}}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, (args.out / "bench_shadow.log").open("w") as log:
-        repo = build_repository(args.models, Path(tmp), names, args.fraction)
+        repo = build_repository(args.models, Path(tmp), names, args.fraction, args.control)
         http_port = free_port()
         command = [*ferry_command(repo), "--http-port", str(http_port)]  # the last --http-port wins
+        if args.shadow_max_loop_busy is not None:
+            command += ["--shadow-max-loop-busy", str(args.shadow_max_loop_busy)]
         with serving("ferry", command, "ferry ready:", log) as ferry:
             for name in names:
                 off, on = request_for(name, MODELS[name]), request_for(f"{name}_shadowed", MODELS[name])
@@ -144,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=3000, help="calls per side per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--shadow-max-loop-busy", type=float, help="the server's flag (default: the server's)")
+    parser.add_argument("--control", action="store_true", help="A/A: no shadow on either side (the noise floor)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls, one round each way")
     args = parser.parse_args(argv)
     if args.quick:
@@ -152,10 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "bench_shadow.json").write_text(json.dumps(results, indent=2))
     for name, case in results["models"].items():
         median, shadow = case["median_on_over_off"], case["shadow"]
+        prefix = "ferry_shadow_dropped_total["
+        reasons = ", ".join(f"{k[len(prefix) : -1]} {v:.0f}" for k, v in shadow.items() if k.startswith(prefix) and v)
         print(
             f"{name}: primary latency with shadow on ÷ off, median of rounds: p50 {median['p50_ms']:.2f}, "
             f"p99 {median['p99_ms']:.2f}; shadow runs {shadow.get('ferry_shadow_runs_total', 0):.0f}, "
-            f"dropped {shadow.get('ferry_shadow_dropped_total', 0):.0f}"
+            f"dropped {shadow.get('ferry_shadow_dropped_total', 0):.0f} "
+            f"({reasons or 'none'})"
         )
     return 0
 

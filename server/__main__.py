@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--loop-lag-warn-ms", type=float, default=250.0, help="warn when the event loop stalls this long, in ms"
     )
+    s.add_argument(
+        "--shadow-max-loop-busy",
+        type=float,
+        default=0.6,
+        help="drop shadow runs while the event loop is busier than this share (0..1) of its last 0.1 s",
+    )
     s.add_argument("--tls-cert", type=Path, help="PEM certificate chain: TLS on the gRPC and HTTP ports")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates it issued (mTLS)")
@@ -239,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             idle_timeout_s=args.idle_timeout_s,
             use_uvloop=not args.no_uvloop,
             loop_lag_warn_s=args.loop_lag_warn_ms / 1000,
+            shadow_max_loop_busy=args.shadow_max_loop_busy,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

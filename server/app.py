@@ -124,8 +124,11 @@ class FerryServer:
             monitoring=self.monitoring,
             visible=self.guard.visible if self.guard is not None else None,
         )
-        self.shadows = ShadowRunner(self.repository, self.tracing)  # models' shadow versions (their `shadow`)
         self.loopwatch = LoopWatch(config.loop_lag_warn_s)
+        # models' shadow versions (their `shadow`), shed while the loop is busy
+        self.shadows = ShadowRunner(
+            self.repository, self.tracing, lambda: self.loopwatch.busy, config.shadow_max_loop_busy
+        )
         self.tls: CertificateReloader | None = None  # loaded here: a bad certificate stops the server before it binds
         if config.tls_cert is not None and config.tls_key is not None:
             files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)

@@ -133,6 +133,11 @@ class ServerConfig:
     """Log a WARNING (at most one per few seconds) when the event loop runs a timer this late: a stall every
     connection felt. The lag itself is always exported as ``ferry_event_loop_lag_seconds``."""
 
+    shadow_max_loop_busy: float = 0.6
+    """Past this share of its last sampled interval busy (running or waiting for a CPU), the event loop counts as
+    saturated and models' shadow runs are dropped (all but one per model per second), so they never delay the
+    calls the server answers. 1.0: never dropped for that."""
+
     tls_cert: Path | None = None
     """PEM certificate chain (the server's certificate first, then any intermediates): with ``tls_key``, both ports
     speak TLS only. None: plaintext."""
@@ -246,6 +251,8 @@ class ServerConfig:
                 raise InvalidArgument(f"{name} must be in 0..1e9 seconds, got {getattr(self, name)}")
         if not self.loop_lag_warn_s > 0:  # NaN fails too
             raise InvalidArgument(f"loop_lag_warn_s must be > 0, got {self.loop_lag_warn_s}")
+        if not 0 <= self.shadow_max_loop_busy <= 1:  # NaN fails too
+            raise InvalidArgument(f"shadow_max_loop_busy must be in 0..1, got {self.shadow_max_loop_busy}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:

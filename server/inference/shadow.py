@@ -2,11 +2,21 @@
 the request path, so a candidate version meets real traffic without answering any of it.
 
 :meth:`ShadowRunner.submit` is called on the loop by a request's :class:`~ferry.server.inference.call.Call` once its
-response is encoded; it never raises and never waits. When the model already has ``max_in_flight`` shadow runs (its
-``shadow`` parameter) or the shadow version's batcher has requests waiting (real traffic comes first), the run is
-dropped and counted. Otherwise a task queues the request's decoded inputs on the shadow version (through its batcher
-and worker threads, as any request) and, when it answers, compares its outputs with the primary's, exports their
-agreement and the shadow's latency, and logs both when the request was sampled for the prediction log.
+response is encoded; it never raises and never waits. A sampled run is dropped, and counted with its reason, when:
+
+- ``max_in_flight``: the model already has that many shadow runs (its ``shadow`` parameter);
+- ``queued``: the shadow version's batcher has requests waiting (real traffic to it comes first);
+- ``saturated``: the event loop was busy (running, or waiting for a CPU) for more than ``max_loop_busy`` of its
+  last sampled interval (:class:`~ferry.server.observability.loopwatch.LoopWatch`), and has not yet come back under
+  ``max_loop_busy * (1 - HYSTERESIS)`` (one sample near the bound does not flip it back and forth). A busy loop has
+  no spare capacity: a shadow's work on it, or on the CPUs it shares with the worker threads, would delay the calls
+  it serves. Still, one sampled request per model per :data:`TRICKLE_S` runs its shadow however busy the server is,
+  so a saturated server keeps comparing the two versions, at a cost no caller can see;
+- ``withdrawn``: the model, or its shadow, was unloaded or reconfigured meanwhile; ``shutdown``: the server stops.
+
+Otherwise a task queues the request's decoded inputs on the shadow version (through its batcher and worker threads,
+as any request, at its lowest priority level) and, when it answers, compares its outputs with the primary's, exports
+their agreement and the shadow's latency, and logs both when the request was sampled for the prediction log.
 
 Agreement, per output the request asked for: integer, boolean and string outputs (labels) agree on a row when the
 row is equal; float outputs give the mean absolute difference of their elements and, when a row holds several scores
@@ -18,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +47,21 @@ from ferry.server.observability.stats import Histogram, latency_histogram
 from ferry.server.observability.telemetry import NO_TRACING, Tracing
 
 log = logging.getLogger(__name__)
+
+TRICKLE_S = 1.0
+"""However busy the server, one sampled request per model per this many seconds still runs its shadow."""
+
+HYSTERESIS = 0.2
+"""Saturated once the loop is busier than ``max_loop_busy``; no longer once it is this share less busy than that."""
+
+DROP_REASONS = {
+    "max_in_flight": "the model had max_in_flight shadow runs",
+    "queued": "requests were waiting for the shadow version",
+    "saturated": "the event loop was saturated",
+    "withdrawn": "the model or its shadow was unloaded or reconfigured",
+    "shutdown": "the server was shutting down",
+}
+"""Why a sampled shadow run was dropped: the ``reason`` label of ``ferry_shadow_dropped``, and what it means."""
 
 
 @dataclass(slots=True)
@@ -66,7 +92,7 @@ class ShadowStats:
     """One (model, primary version, shadow version) pair's shadow runs."""
 
     runs: int = 0
-    dropped: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)  # by reason: DROP_REASONS
     failed: int = 0
     latency: Histogram = field(default_factory=latency_histogram)
     outputs: dict[str, OutputAgreement] = field(default_factory=dict)
@@ -94,13 +120,28 @@ def compare(primary: np.ndarray, shadow: np.ndarray, batched: bool, into: Output
 
 
 class ShadowRunner:
-    """Runs shadowed requests on their model's shadow version; close with :meth:`close` before the repository."""
+    """Runs shadowed requests on their model's shadow version; close with :meth:`close` before the repository.
 
-    def __init__(self, repository: ModelRepository, tracing: Tracing = NO_TRACING) -> None:
+    ``loop_busy`` reads the event loop's busy share (0..1) over its last sampled interval; past ``max_loop_busy``
+    the server counts as saturated and shadow runs are shed (the default reader never reports it busy)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        tracing: Tracing = NO_TRACING,
+        loop_busy: Callable[[], float] = lambda: 0.0,
+        max_loop_busy: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._repository = repository
+        self._clock = clock  # for the trickle
         self._tracing = tracing
+        self._loop_busy = loop_busy
+        self._max_loop_busy = max_loop_busy
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: Counter[str] = Counter()  # shadow runs per model
+        self._started: dict[str, float] = {}  # per model: when its latest shadow run started (monotonic)
+        self._saturated = False
         self._closed = False
         self.stats: dict[tuple[str, int, int], ShadowStats] = {}
 
@@ -138,15 +179,11 @@ class ShadowRunner:
         stats = self.stats.get(key)
         if stats is None:
             stats = self.stats[key] = ShadowStats()
-        try:  # the model's current routing: a reload may have changed the bound, an unload removed it (0: drop)
-            routing = self._repository.get_model(primary.name).routing
-        except FerryError:
-            routing = None
-        limit = routing.shadow.max_in_flight if routing is not None and routing.shadow is not None else 0
-        if self._closed or self._in_flight[primary.name] >= limit or shadow.queued:
-            stats.dropped += 1
+        reason = self._drop_reason(primary, shadow)
+        if reason is not None:
+            stats.dropped[reason] += 1
             if entry is not None:
-                self._log(entry, shadow, {}, 0.0, "dropped: the server was saturated")
+                self._log(entry, shadow, {}, 0.0, f"dropped: {DROP_REASONS[reason]}")
             return
         self._in_flight[primary.name] += 1
         shadow.stats.routes[SHADOW] += 1
@@ -154,6 +191,36 @@ class ShadowRunner:
         task = asyncio.get_running_loop().create_task(run, name=f"shadow {shadow.describe()}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _drop_reason(self, primary: ModelVersion, shadow: ModelVersion) -> str | None:
+        """Why this shadow run may not start now (a key of DROP_REASONS), or None: it starts, and counts as
+        started."""
+        if self._closed:
+            return "shutdown"
+        try:  # the model's current routing: a reload may have changed the bound, an unload removed it
+            routing = self._repository.get_model(primary.name).routing
+        except FerryError:
+            return "withdrawn"
+        if routing is None or routing.shadow is None or routing.shadow.version != shadow.version:
+            return "withdrawn"
+        if self._in_flight[primary.name] >= routing.shadow.max_in_flight:
+            return "max_in_flight"
+        if shadow.queued:
+            return "queued"
+        now = self._clock()
+        if self.saturated() and now - self._started.get(primary.name, -math.inf) < TRICKLE_S:
+            return "saturated"
+        self._started[primary.name] = now
+        return None
+
+    def saturated(self) -> bool:
+        """Whether the event loop has no spare capacity for shadow runs, with hysteresis (see the module doc)."""
+        busy = self._loop_busy()
+        if busy > self._max_loop_busy:
+            self._saturated = True
+        elif busy < self._max_loop_busy * (1 - HYSTERESIS):
+            self._saturated = False
+        return self._saturated
 
     async def _run(
         self,
@@ -222,7 +289,7 @@ class ShadowRunner:
         labels = ["model", "version", "shadow_version"]
         runs = CounterMetricFamily("ferry_shadow_runs", "Shadow runs that answered.", labels=labels)
         dropped = CounterMetricFamily(
-            "ferry_shadow_dropped", "Sampled shadow runs dropped: the server was saturated.", labels=labels
+            "ferry_shadow_dropped", "Sampled shadow runs not run, by reason.", labels=[*labels, "reason"]
         )
         failed = CounterMetricFamily("ferry_shadow_failures", "Shadow runs that failed.", labels=labels)
         latency = HistogramMetricFamily(
@@ -241,7 +308,8 @@ class ShadowRunner:
         for (model, version, shadow_version), stats in sorted(self.stats.items()):
             key = [model, str(version), str(shadow_version)]
             runs.add_metric(key, stats.runs)
-            dropped.add_metric(key, stats.dropped)
+            for reason in DROP_REASONS:  # every reason, 0 included: a rate over it needs the series to exist
+                dropped.add_metric([*key, reason], stats.dropped[reason])
             failed.add_metric(key, stats.failed)
             buckets = [(le, float(count)) for le, count in stats.latency.cumulative()]
             latency.add_metric(key, buckets, stats.latency.sum / 1e9)
@@ -254,4 +322,4 @@ class ShadowRunner:
         yield from (runs, dropped, failed, latency, compared, agreement, difference)
 
 
-__all__ = ["OutputAgreement", "ShadowRunner", "ShadowStats", "compare"]
+__all__ = ["DROP_REASONS", "HYSTERESIS", "TRICKLE_S", "OutputAgreement", "ShadowRunner", "ShadowStats", "compare"]

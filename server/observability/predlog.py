@@ -166,7 +166,7 @@ class ShadowPrediction:
     outputs: Mapping[str, np.ndarray]
     latency_ms: float
     error: str = ""
-    """Why there are no outputs: the shadow run was dropped (the server was saturated) or failed."""
+    """Why there are no outputs: the shadow run was dropped (why: inference/shadow.py ``DROP_REASONS``) or failed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,16 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def dropped(samples: Samples, **labels: str) -> dict[str, float]:
+    """``ferry_shadow_dropped_total`` of one (model, version, shadow_version) by reason (every reason is exported)."""
+    out = {}
+    for (name, items), value in samples.items():
+        found = dict(items)
+        if name == "ferry_shadow_dropped_total" and {k: found.get(k) for k in labels} == labels:
+            out[found["reason"]] = value
+    return out
+
+
 @pytest.fixture(scope="module", params=["ferry", "grpcio"])
 def served(
     request: pytest.FixtureRequest, example_repo: Path, tmp_path_factory: pytest.TempPathFactory
@@ -258,7 +268,8 @@ def settled(server: BackgroundServer, model: str, sent: int, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     while True:
         samples = scrape(server)
-        done = sum(sample(samples, f"ferry_shadow_{n}_total", **key) for n in ("runs", "dropped", "failures"))
+        done = sum(sample(samples, f"ferry_shadow_{n}_total", **key) for n in ("runs", "failures"))
+        done += sum(dropped(samples, **key).values())
         if done >= sent or time.monotonic() > deadline:
             assert done == sent, f"{model}: {done} of {sent} shadow runs settled"
             return samples
@@ -300,7 +311,8 @@ def test_shadowed_requests_are_logged_with_both_outputs(
     x = heldout(example_repo)[:4]
     before = scrape(server)
     key = {"model": "digits", "version": "1", "shadow_version": "2"}
-    sent = sum(sample(before, f"ferry_shadow_{n}_total", **key) for n in ("runs", "dropped", "failures"))
+    sent = sum(sample(before, f"ferry_shadow_{n}_total", **key) for n in ("runs", "failures"))
+    sent += sum(dropped(before, **key).values())
     for i in range(4):
         stub.ModelInfer(request_for("digits", {"input": x[i : i + 1]}, version="1", id=f"logged-{i}"), timeout=30)
     settled(server, "digits", int(sent) + 4)
@@ -332,11 +344,62 @@ def test_shadow_runs_past_their_bound_are_dropped_and_counted_without_failing_a_
     assert all(r.model_version == "1" for r in responses)  # every request answered by the primary
     samples = settled(server, "mlp", sent)
     key = {"model": "mlp", "version": "1", "shadow_version": "2"}
-    assert sample(samples, "ferry_shadow_dropped_total", **key) > 0
-    assert sample(samples, "ferry_shadow_runs_total", **key) >= 1
+    reasons = dropped(samples, **key)
+    assert set(reasons) == {"max_in_flight", "queued", "saturated", "withdrawn", "shutdown"}
+    # past the bound of one run at once, or (under the default bound) while the loop was saturated by the 48 calls
+    assert reasons["max_in_flight"] + reasons["saturated"] > 0 and reasons["withdrawn"] == reasons["shutdown"] == 0
+    assert sample(samples, "ferry_shadow_runs_total", **key) >= 1  # the first: nothing ran before, or the trickle
     assert sample(samples, "ferry_shadow_failures_total", **key) == 0
     assert sample(samples, "ferry_shadow_agreement", output="output", **key) == 1.0  # version 2 is a copy
     assert sample(samples, "ferry_inference_request_success_total", model="mlp", version="1") == sent
+
+
+def test_shadow_runs_are_shed_while_the_loop_is_saturated_and_resume_once_it_is_not(
+    example_repo: Path, tmp_path: Path
+) -> None:
+    """Bursts of concurrent calls keep the loop busier than its bound (lowered to 0.2 here, so that any machine's
+    load crosses it): sampled shadow runs are dropped as ``saturated`` (all but the trickle), counted and logged, and
+    no call fails. Once the loop is idle again, every sampled call runs its shadow."""
+    root = tmp_path / "repo"
+    copy_versions(example_repo / "tiny", root / "tiny", [(1, 1), (1, 2)])
+    shadow = ("shadow", "version=2,fraction=1,max_in_flight=1024")
+    (root / "tiny" / "config.pbtxt").write_text(config(shadow, ("prediction_log_rate", "1")))
+    log = tmp_path / "predictions.jsonl"
+    key = {"model": "tiny", "version": "1", "shadow_version": "2"}
+    x = np.ones((1, 16), np.float32)
+    with background_server(root, prediction_log_path=log, shadow_max_loop_busy=0.2) as server:
+        sent = 0
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not dropped(scrape(server), **key).get("saturated"):
+                assert time.monotonic() < deadline, "64 calls at once never saturated the loop"
+                burst = [
+                    stub.ModelInfer.future(request_for("tiny", {"input": x}, version="1"), timeout=60)
+                    for _ in range(64)
+                ]
+                assert all(call.result().model_version == "1" for call in burst)  # answered by the primary
+                sent += len(burst)
+            loaded = settled(server, "tiny", sent)
+            reasons = dropped(loaded, **key)
+            assert reasons["saturated"] > 0 and reasons["max_in_flight"] == 0
+            assert sample(loaded, "ferry_inference_request_success_total", model="tiny", version="1") == sent
+            failures = [v for (name, labels), v in loaded.items() if name == "ferry_inference_request_failure_total"]
+            assert sum(failures) == 0
+
+            while sample(scrape(server), "ferry_event_loop_busy_ratio") >= 0.1:  # idle: under 0.2 * (1 - 0.2)
+                assert time.monotonic() < deadline, "the loop did not come back to idle"
+                time.sleep(0.2)
+            runs = sample(loaded, "ferry_shadow_runs_total", **key)
+            for _ in range(3):  # one at a time: a few µs of loop work each
+                assert stub.ModelInfer(request_for("tiny", {"input": x}, version="1"), timeout=60).model_version == "1"
+            idle = settled(server, "tiny", sent + 3)
+        assert sample(idle, "ferry_shadow_runs_total", **key) == runs + 3  # none dropped: the trickle allows one
+        assert dropped(idle, **key) == reasons
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    errors = Counter(e["shadow"].get("error", "") for e in entries if "shadow" in e)
+    assert errors["dropped: the event loop was saturated"] == reasons["saturated"]
+    assert errors[""] == runs + 3
 
 
 def test_traces_carry_the_route_label_and_shadow(example_repo: Path, tmp_path: Path) -> None:

@@ -15,7 +15,15 @@ import uvloop
 
 from ferry.client.errors import InvalidArgument
 from ferry.server.config import ServerConfig
-from ferry.server.observability.loopwatch import METRIC, WARN_EVERY_S, LoopWatch
+from ferry.server.observability.loopwatch import (
+    BUSY_METRIC,
+    METRIC,
+    WARN_EVERY_S,
+    LoopWatch,
+    busy_clock,
+    busy_share,
+    schedstat_busy_ns,
+)
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -83,6 +91,61 @@ def test_a_blocked_loop_shows_its_lag_and_is_warned_about_once(loop: str, caplog
     assert lag_s >= seen_s and warn_s == 0.1 and suppressed == 0
 
 
+async def busy_after(watch: LoopWatch, work: Callable[[], None]) -> float:
+    """The busy share the watch read for an interval spent wholly in ``work`` (which takes over an interval)."""
+    await next_sample(watch)  # a fresh interval starts now
+    seen = samples(watch)
+    work()
+    while samples(watch) == seen:  # the sample due while ``work`` ran: its interval is (nearly) all ``work``
+        await asyncio.sleep(0)
+    return watch.busy
+
+
+def spin(seconds: float) -> None:
+    """Compute, holding the thread, for ``seconds``."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_busy_tells_a_computing_loop_from_an_idle_or_blocked_one(loop: str) -> None:
+    """Busy counts the time the loop's thread computes (or waits for a CPU), not the time it waits: a loop that
+    sleeps (blocked in a call, or idle waiting for I/O) lags but is not busy."""
+    watch = LoopWatch(warn_s=10.0, interval_s=0.05)
+    read: dict[str, float] = {}
+
+    async def test() -> None:
+        watch.start()
+        read["computing"] = await busy_after(watch, lambda: spin(0.3))
+        read["blocked"] = await busy_after(watch, lambda: time.sleep(0.3))
+        await next_sample(watch)
+        await asyncio.sleep(0.3)  # idle: nothing to run
+        await next_sample(watch)
+        read["idle"] = watch.busy
+        watch.stop()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(test())
+    assert read["computing"] > 0.8  # the sample's interval also holds a few loop turns that did not compute
+    assert read["blocked"] < 0.2 and watch.max_lag_s >= 0.25  # it lagged all the same
+    assert read["idle"] < 0.2
+
+
+def test_busy_reads_schedstat_on_linux_and_is_a_share() -> None:
+    if Path("/proc/thread-self/schedstat").exists():
+        assert busy_clock() is schedstat_busy_ns
+        before = schedstat_busy_ns()
+        spin(0.05)
+        # on a CPU, or waiting for one, the whole time; the kernel adds a running thread's time at its scheduler
+        # ticks (every few ms), so a reading may miss the latest few ms
+        assert schedstat_busy_ns() - before >= 30_000_000
+    else:
+        assert busy_clock() is time.thread_time_ns
+    assert busy_share(5, 10) == 0.5
+    assert busy_share(12, 10) == 1.0 and busy_share(-1, 10) == 0.0 and busy_share(5, 0) == 0.0
+
+
 def test_a_lag_under_the_threshold_is_measured_but_not_warned(caplog: pytest.LogCaptureFixture) -> None:
     watch = LoopWatch(warn_s=10.0, interval_s=0.01)
 
@@ -133,7 +196,8 @@ def test_metric_family_is_a_histogram_of_seconds() -> None:
     watch = LoopWatch()
     watch.lag.observe(0.003)
     watch.lag.observe(0.7)
-    [family] = list(watch.metric_families())
+    family, busy = list(watch.metric_families())
+    assert busy.name == BUSY_METRIC and busy.type == "gauge" and busy.samples[0].value == 0.0
     assert family.name == METRIC and family.type == "histogram" and "event loop" in family.documentation
     values = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert values[(METRIC + "_bucket", "0.001")] == 0

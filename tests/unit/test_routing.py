@@ -13,7 +13,7 @@ import pytest
 
 from ferry.client._proto import model_config_pb2 as mc
 from ferry.client.errors import Internal, InvalidArgument
-from ferry.server.inference.shadow import OutputAgreement, ShadowRunner, compare
+from ferry.server.inference.shadow import TRICKLE_S, OutputAgreement, ShadowRunner, compare
 from ferry.server.models.routing import DEFAULT_SHADOW_MAX_IN_FLIGHT, Routing, Shadow, parse_routing
 from ferry.server.observability.predlog import Prediction, PredictionLogOptions, ShadowPrediction, encode_prediction
 from ferry.server.observability.stats import VersionStats
@@ -198,9 +198,9 @@ class FakeRepository:
         return self.model
 
 
-def runner_for(max_in_flight: int) -> ShadowRunner:
+def runner_for(max_in_flight: int, **options: object) -> ShadowRunner:
     found = parsed(shadow=f"version=2,fraction=1,max_in_flight={max_in_flight}")
-    return ShadowRunner(FakeRepository(found))  # type: ignore[arg-type]
+    return ShadowRunner(FakeRepository(found), **options)  # type: ignore[arg-type]
 
 
 def submit(runner: ShadowRunner, primary: FakeVersion, shadow: FakeVersion) -> None:
@@ -217,7 +217,7 @@ def test_shadow_runs_past_the_bound_or_behind_a_queue_are_dropped_and_counted() 
             submit(runner, primary, shadow)
         await asyncio.sleep(0)
         stats = runner.stats[("m", 1, 2)]
-        assert (shadow.started, stats.dropped, runner.in_flight) == (2, 3, 2)
+        assert (shadow.started, stats.dropped, runner.in_flight) == (2, {"max_in_flight": 3}, 2)
         gate.set()
         while runner.in_flight:
             await asyncio.sleep(0)
@@ -225,7 +225,44 @@ def test_shadow_runs_past_the_bound_or_behind_a_queue_are_dropped_and_counted() 
         assert shadow.stats.routes["shadow"] == 2
         shadow.queued = 1  # real traffic waits for the shadow version: the shadow yields to it
         submit(runner, primary, shadow)
-        assert stats.dropped == 4 and runner.in_flight == 0
+        assert stats.dropped == {"max_in_flight": 3, "queued": 1} and runner.in_flight == 0
+        await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_saturated_loop_sheds_shadow_runs_but_one_a_second() -> None:
+    async def scenario() -> None:
+        busy, now = [0.9], [100.0]
+        runner = runner_for(16, loop_busy=lambda: busy[0], max_loop_busy=0.6, clock=lambda: now[0])
+        primary, shadow = FakeVersion(1), FakeVersion(2)
+        for _ in range(4):  # the first runs: none ran within the last second (the trickle); the rest are shed
+            submit(runner, primary, shadow)
+        stats = runner.stats[("m", 1, 2)]
+        assert (shadow.started, stats.dropped) == (0, {"saturated": 3})  # started: its task has not run yet
+        now[0] += TRICKLE_S / 2
+        submit(runner, primary, shadow)
+        now[0] += TRICKLE_S / 2  # a second after the last run started: the next one runs
+        submit(runner, primary, shadow)
+        submit(runner, primary, shadow)
+        assert stats.dropped == {"saturated": 5} and runner.in_flight == 2
+        busy[0] = 0.1  # spare capacity: every sampled run runs
+        for _ in range(3):
+            submit(runner, primary, shadow)
+        assert stats.dropped == {"saturated": 5} and runner.in_flight == 5
+        while runner.in_flight:
+            await asyncio.sleep(0)
+        assert stats.runs == shadow.started == 5
+        await runner.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_shadow_withdrawn_meanwhile_is_dropped() -> None:
+    async def scenario() -> None:
+        runner = runner_for(16)
+        submit(runner, FakeVersion(1), FakeVersion(3))  # the model's shadow is version 2 now
+        assert runner.stats[("m", 1, 3)].dropped == {"withdrawn": 1} and runner.in_flight == 0
         await runner.close()
 
     asyncio.run(scenario())
@@ -246,6 +283,6 @@ def test_a_failing_shadow_is_counted_and_close_cancels_runs_in_flight() -> None:
         await asyncio.wait_for(runner.close(), 10)
         assert runner.in_flight == 0
         submit(runner, primary, FakeVersion(2))  # closed: dropped
-        assert runner.stats[("m", 1, 2)].dropped == 1 and runner.in_flight == 0
+        assert runner.stats[("m", 1, 2)].dropped == {"shutdown": 1} and runner.in_flight == 0
 
     asyncio.run(scenario())
