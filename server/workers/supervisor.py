@@ -136,8 +136,9 @@ class Supervisor:
                 sock.close()
         if self._failed is not None:
             return self._failed
+        # -SIGTERM: a worker our SIGTERM reached before it could handle it (still starting Python)
         codes = [slot.process.returncode for slot in self.slots if slot.process is not None]
-        return 0 if all(code == 0 for code in codes) else 1
+        return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
 
     def _reserve_ports(self) -> None:
         """Bind (not listen on) the ports with SO_REUSEPORT: port 0 becomes a port every worker binds."""

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,15 @@ class Fleet:
         return [int(pid) for pid in path.read_text().split()]
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
+        for attempt in range(5):  # a connection a killed worker had accepted is reset: as Prometheus, scrape again
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=10) as reply:
+                    text = reply.read().decode()
+                break
+            except (ConnectionError, urllib.error.URLError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.1)
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)

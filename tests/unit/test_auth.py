@@ -223,13 +223,14 @@ def test_token_bucket() -> None:
 def registered(tmp_path: Path, **settings: Any) -> tuple[FerryServer, Services]:
     server = FerryServer(ServerConfig.build(model_repository=tmp_path, **settings))
     from ferry.server.api.servicer import InferenceServicer
+    from ferry.server.observability.outcomes import OutcomeServicer
 
     async def changed() -> None:
         return None
 
     servicer = InferenceServicer(server.repository, server.cache, lambda: True, changed)
     services = Services()
-    server._register(servicer, services)
+    server._register(servicer, OutcomeServicer(server.monitoring.outcomes), services)
     return server, services
 
 
