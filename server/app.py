@@ -177,7 +177,7 @@ class FerryServer:
             pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, local)
             self.worker.attach(local, lambda: exposition(self._registry), self.monitoring.outcomes)
             self.worker.start()
-            public = FleetServicer(servicer, self.worker)
+            public = FleetServicer(servicer, self.worker, self.guard.visible if self.guard is not None else None)
             public_outcomes = FleetOutcomes(outcomes, self.monitoring.outcomes, self.worker)
         self._register(public, public_outcomes, self.services)
         self._bind_grpc(public, public_outcomes)

@@ -1,0 +1,191 @@
+"""``ferry serve --workers 2`` pushed where it broke, through real processes on 127.0.0.1.
+
+One fleet serves the module (explicit mode, auth on, tiny and ``gated`` loaded at start): ``gated`` warms up from a
+sample file that a test can swap for a named pipe, so a worker started again blocks in its start-up load until the
+test writes the sample (the window where it is alive but not yet a full member of the fleet). Tests that need their
+own command line (many models, signals at start) start their own fleet.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from ferry.client._proto import grpc_service_pb2 as pb
+from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.security.auth import SCOPES, hash_token
+from tests.integration.test_workers import FRESH, Fleet, fresh
+
+ADMIN, NARROW, READER = "admin-token", "narrow-token", "reader-token"
+HIDDEN = "secret"
+GATED_CONFIG = """name: "gated"
+max_batch_size: 4
+model_warmup [ { name: "pipe" batch_size: 1 inputs { key: "input" value: {
+  data_type: TYPE_FP32 dims: [ 256 ] input_data_file: "x.bin" } } } ]
+"""
+SAMPLE = np.ones(256, np.float32).tobytes()
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+def policy() -> dict[str, Any]:
+    everything = list(SCOPES)
+    return {
+        "anonymous": {"scopes": ["health"]},
+        "identities": [
+            {"name": "admin", "token_sha256": hash_token(ADMIN), "scopes": everything, "models": ["*"]},
+            {"name": "narrow", "token_sha256": hash_token(NARROW), "scopes": everything, "models": ["ti*", "g*"]},
+            {
+                "name": "reader",
+                "token_sha256": hash_token(READER),
+                "scopes": [s for s in SCOPES if s != "model-repository"],
+                "models": ["*"],
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def repo(example_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("workers-abuse")
+    for name, source in (("tiny", "tiny"), (HIDDEN, "tiny"), ("gated", "mlp")):
+        shutil.copytree(example_repo / source, root / name)
+        config = root / name / "config.pbtxt"
+        config.write_text(config.read_text().replace(f'name: "{source}"', f'name: "{name}"'))
+    (root / "gated" / "config.pbtxt").write_text(GATED_CONFIG)
+    (root / "gated" / "warmup").mkdir()
+    (root / "gated" / "warmup" / "x.bin").write_bytes(SAMPLE)
+    (root.parent / "auth.json").write_text(json.dumps(policy()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(repo: Path) -> Iterator[Fleet]:
+    server = Fleet(
+        repo,
+        *("--model-control-mode", "explicit", "--load-model", "tiny", "--load-model", "gated"),
+        *("--auth-config", str(repo.parent / "auth.json")),
+    )
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def call(fleet: Fleet, token: str, method: str, request: Any) -> Any:
+    """``method`` on a fresh connection with ``token``: the reply, or the error's ``(code, details)``."""
+    with fresh(fleet.grpc) as channel:
+        try:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return getattr(stub, method)(request, metadata=bearer(token), timeout=60)
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+
+
+def everywhere(fleet: Fleet, ask: Callable[[pb_grpc.GRPCInferenceServiceStub], object]) -> set[object]:
+    """The answers to ``ask`` over :data:`FRESH` fresh connections (so from both workers)."""
+    answers = set()
+    for _ in range(FRESH):
+        with fresh(fleet.grpc) as channel:
+            answers.add(ask(pb_grpc.GRPCInferenceServiceStub(channel)))
+    return answers
+
+
+def ready_everywhere(fleet: Fleet, model: str) -> set[object]:
+    def ready(stub: pb_grpc.GRPCInferenceServiceStub) -> object:
+        return stub.ModelReady(pb.ModelReadyRequest(name=model), metadata=bearer(ADMIN), timeout=10).ready
+
+    return everywhere(fleet, ready)
+
+
+def workers_by_index(fleet: Fleet) -> dict[int, int]:
+    """Worker index -> pid (the index the supervisor gave it, read from its environment)."""
+    found = {}
+    for pid in fleet.workers():
+        with open(f"/proc/{pid}/environ", "rb") as env:
+            for entry in env.read().split(b"\0"):
+                if entry.startswith(b"FERRY_WORKER="):
+                    found[int(entry.split(b"=")[1].split(b"/")[0])] = pid
+    return found
+
+
+def up(fleet: Fleet) -> list[float]:
+    metrics = fleet.metrics()
+    return [metrics.get(("ferry_worker_up", (("worker", w),)), 0) for w in "01"]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout_s}s")
+        time.sleep(0.05)
+
+
+def rest(fleet: Fleet, method: str, path: str, body: bytes | None = None, token: str = ADMIN) -> tuple[int, bytes]:
+    """One REST call on a connection of its own: status and body."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{fleet.http}{path}", data=body, method=method, headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+# ---- auth: a change the caller may not make reaches no worker -------------------------------------------------
+
+
+def test_a_model_hidden_from_the_caller_is_changed_on_no_worker(fleet: Fleet) -> None:
+    """The other workers' handlers are called with no caller (they see every model): a load, unload or trace
+    change of a model hidden from the caller must be refused as an unknown model before it is broadcast."""
+    unknown = call(fleet, NARROW, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name="nosuch"))
+    hidden = call(fleet, NARROW, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=HIDDEN))
+    assert hidden == (unknown[0], unknown[1].replace("nosuch", HIDDEN)) and unknown[0] == grpc.StatusCode.NOT_FOUND
+    assert ready_everywhere(fleet, HIDDEN) == {False}
+    refused = call(fleet, READER, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=HIDDEN))
+    assert refused[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert rest(fleet, "POST", f"/v2/repository/models/{HIDDEN}/load", b"{}", READER)[0] == 403
+    assert ready_everywhere(fleet, HIDDEN) == {False}
+
+    assert call(fleet, ADMIN, "RepositoryModelLoad", pb.RepositoryModelLoadRequest(model_name=HIDDEN)) == (
+        pb.RepositoryModelLoadResponse()
+    )
+    try:
+        value = pb.TraceSettingRequest.SettingValue
+        change = pb.TraceSettingRequest(model_name=HIDDEN, settings={"trace_rate": value(value=["9"])})
+        assert call(fleet, NARROW, "TraceSetting", change)[0] == grpc.StatusCode.NOT_FOUND
+        rates = everywhere(
+            fleet,
+            lambda stub: tuple(
+                stub.TraceSetting(pb.TraceSettingRequest(model_name=HIDDEN), metadata=bearer(ADMIN), timeout=10)
+                .settings["trace_rate"]
+                .value
+            ),
+        )
+        assert ("9",) not in rates
+        unload = call(fleet, NARROW, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
+        assert unload[0] == grpc.StatusCode.NOT_FOUND
+        assert ready_everywhere(fleet, HIDDEN) == {True}
+        # gathered statistics: the other workers' hidden models stay hidden
+        stats = call(fleet, NARROW, "ModelStatistics", pb.ModelStatisticsRequest())
+        assert {s.name for s in stats.model_stats} == {"tiny", "gated"}
+        assert call(fleet, NARROW, "ModelStatistics", pb.ModelStatisticsRequest(name=HIDDEN))[0] == (
+            grpc.StatusCode.NOT_FOUND
+        )
+    finally:
+        call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
+    assert ready_everywhere(fleet, HIDDEN) == {False}
