@@ -186,17 +186,15 @@ class WorkerLink:
                 replies.append(part)
         return replies
 
-    async def metrics(self) -> tuple[list[bytes], bytes]:
-        """Every worker's own /metrics text (index i: worker i's, this one's included), and the supervisor's."""
+    async def metrics(self) -> tuple[dict[int, bytes], bytes]:
+        """Every running worker's own /metrics text by worker index (this one's included), and the supervisor's."""
         assert self._scrape is not None
         own = self._scrape()
         header, out = await self.channel.call("metrics")
-        texts: list[bytes | None] = [None] * self.count
-        texts[self.index] = own
         parts = _parts(out, len(header["workers"]) + 1)
-        for worker, text in zip(header["workers"], parts, strict=False):
-            texts[worker] = text
-        return [t for t in texts if t is not None], parts[-1]
+        texts = dict(zip(header["workers"], parts, strict=False))
+        texts[self.index] = own
+        return dict(sorted(texts.items())), parts[-1]
 
     async def outcomes(self, request: fpb.ReportOutcomesRequest) -> list[set[int]]:
         """Offer outcomes to every other worker; the positions each left unmatched."""

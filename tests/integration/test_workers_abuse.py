@@ -8,8 +8,11 @@ own command line (many models, signals at start) start their own fleet.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +27,7 @@ import pytest
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server.security.auth import SCOPES, hash_token
-from tests.integration.test_workers import FRESH, Fleet, fresh
+from tests.integration.test_workers import FRESH, Fleet, fresh, tiny_request
 
 ADMIN, NARROW, READER = "admin-token", "narrow-token", "reader-token"
 HIDDEN = "secret"
@@ -114,7 +117,7 @@ def workers_by_index(fleet: Fleet) -> dict[int, int]:
     """Worker index -> pid (the index the supervisor gave it, read from its environment)."""
     found = {}
     for pid in fleet.workers():
-        with open(f"/proc/{pid}/environ", "rb") as env:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/environ", "rb") as env:  # OSError: it just died
             for entry in env.read().split(b"\0"):
                 if entry.startswith(b"FERRY_WORKER="):
                     found[int(entry.split(b"=")[1].split(b"/")[0])] = pid
@@ -132,6 +135,38 @@ def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 60) -> Non
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout_s}s")
         time.sleep(0.05)
+
+
+def blocked_on_pipe(pid: int) -> bool:
+    """Whether a thread of ``pid`` waits in the open of a named pipe for a writer."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as wchan:
+            if wchan.read() == "wait_for_partner":
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def restarting(fleet: Fleet, repo: Path) -> Iterator[int]:
+    """Worker 0 killed and started again, held in its start-up load of ``gated`` (its warmup sample is a named pipe
+    until the end of the block); yields the new worker's pid. Afterwards both workers are up again."""
+    sample = repo / "gated" / "warmup" / "x.bin"
+    sample.unlink()
+    os.mkfifo(sample)
+    try:
+        old = workers_by_index(fleet)[0]
+        os.kill(old, signal.SIGKILL)
+        wait_for("new worker 0", lambda: workers_by_index(fleet).get(0, old) != old)
+        new = workers_by_index(fleet)[0]
+        wait_for("worker 0 blocked in its start-up load", lambda: blocked_on_pipe(new))
+        yield new
+    finally:
+        writer = os.open(sample, os.O_RDWR)  # never blocks; the worker reads the sample, then the end
+        os.write(writer, SAMPLE)
+        os.close(writer)
+        sample.unlink()
+        sample.write_bytes(SAMPLE)
+    wait_for("both workers up", lambda: up(fleet) == [1, 1])
 
 
 def rest(fleet: Fleet, method: str, path: str, body: bytes | None = None, token: str = ADMIN) -> tuple[int, bytes]:
@@ -189,3 +224,27 @@ def test_a_model_hidden_from_the_caller_is_changed_on_no_worker(fleet: Fleet) ->
     finally:
         call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
     assert ready_everywhere(fleet, HIDDEN) == {False}
+
+
+# ---- a worker started again: what callers see while it loads --------------------------------------------------
+
+
+def requests_by_worker(fleet: Fleet) -> dict[str, float]:
+    return {
+        labels[0][1]: value
+        for (name, labels), value in fleet.metrics().items()
+        if name == "ferry_worker_requests_total"
+    }
+
+
+def test_metrics_gathered_while_a_worker_restarts_keep_each_workers_label(fleet: Fleet, repo: Path) -> None:
+    for _ in range(FRESH):
+        with fresh(fleet.grpc) as channel:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(tiny_request(), metadata=bearer(ADMIN), timeout=10)
+    before = requests_by_worker(fleet)
+    assert sum(before.values()) >= FRESH and set(before) == {"0", "1"}
+    with restarting(fleet, repo):
+        for _ in range(6):  # worker 1's count under worker 1's label; worker 0's (if it answers) is new
+            during = requests_by_worker(fleet)
+            assert during["1"] == before["1"] and during.get("0", 0) == 0
+            assert up(fleet) == [0, 1]
