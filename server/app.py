@@ -184,11 +184,13 @@ class FerryServer:
         await self.update_health()  # NOT_SERVING while models load
         if self.guard is not None:
             self.guard.start()  # watches the auth file
-        if self.config.http_port is not None:
-            await self._start_http(self.config.http_port)
+        if self.config.http_port is not None and self.worker is None:
+            await self._start_http(self.config.http_port)  # health and /metrics answer while models load
         await self.repository.load_startup()
         if self.worker is not None:
             await self.worker.join()  # the changes made through the other workers, before taking calls
+            if self.config.http_port is not None:  # the other workers answer meanwhile: REST waits as gRPC does
+                await self._start_http(self.config.http_port)
         await self.update_health()
         await self._listen_grpc()
         if self.config.model_control_mode == "poll":

@@ -247,14 +247,18 @@ def test_a_killed_worker_is_started_again_with_the_changes_made_before(repo: Pat
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            metrics = server.metrics()
+            try:
+                metrics = server.metrics()
+            except OSError:  # a connection the killed worker's listener had queued, reset as it closes
+                time.sleep(0.2)
+                continue
             restarts = sum(metrics.get(("ferry_worker_restarts_total", (("worker", w),)), 0) for w in "01")
             up = [metrics.get(("ferry_worker_up", (("worker", w),)), 0) for w in "01"]
             if restarts == 1 and up == [1, 1]:
                 break
             time.sleep(0.2)
         else:
-            pytest.fail(f"no restart seen: {restarts=} {up=}")
+            pytest.fail("no restart seen")
         assert victim not in server.workers() and len(server.workers()) == 2
 
         def ready(stub: pb_grpc.GRPCInferenceServiceStub) -> bool:

@@ -248,3 +248,17 @@ def test_metrics_gathered_while_a_worker_restarts_keep_each_workers_label(fleet:
             during = requests_by_worker(fleet)
             assert during["1"] == before["1"] and during.get("0", 0) == 0
             assert up(fleet) == [0, 1]
+
+
+def test_http_calls_reach_only_workers_that_have_every_model_and_change(fleet: Fleet, repo: Path) -> None:
+    """A worker started again takes REST calls only once it loaded its models and got the changes made meanwhile,
+    as it does gRPC calls: the fleet stays ready, serves ``gated`` and takes changes on every connection."""
+    infer = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 256], "datatype": "FP32", "data": [1.0] * 256}]}
+    ).encode()
+    with restarting(fleet, repo):
+        answers = [rest(fleet, "GET", "/v2/health/ready")[0] for _ in range(FRESH)]
+        answers += [rest(fleet, "POST", "/v2/models/gated/infer", infer)[0] for _ in range(FRESH)]
+        loads = [rest(fleet, "POST", "/v2/repository/models/tiny/load", b"{}") for _ in range(6)]
+        assert set(answers) == {200} and loads == [(200, b"{}")] * 6, (answers, loads)
+    assert ready_everywhere(fleet, "tiny") == {True}
