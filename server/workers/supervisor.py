@@ -12,7 +12,8 @@ passes it on once), with one end of a socket pair (:mod:`~ferry.server.workers.c
 
 - applies changes to every worker (loads, unloads, trace settings: :mod:`~ferry.server.workers.worker`), one
   change at a time, and remembers the latest per model, so a worker started later (a restart) gets them replayed
-  before it listens;
+  before it listens (an unload only of a model a worker loads at start: the log holds at most one entry per model
+  directory, per uploaded model serving and per trace setting's model);
 - gathers statistics, metrics and outcomes from the other workers for the worker a caller asked.
 
 A worker that exits is reported (a WARNING with its exit status, ``ferry_worker_restarts``) and started again, at
@@ -306,10 +307,21 @@ class Supervisor:
             key = ("model", pb.RepositoryModelLoadRequest.FromString(body).model_name)
         elif method == UNLOAD:
             key = ("model", pb.RepositoryModelUnloadRequest.FromString(body).model_name)
+            if not self._loads_at_start(key[1]):  # a new worker never has it: nothing to replay, nothing to keep
+                self._changes.pop(key, None)
+                self._changes.pop(("trace", key[1]), None)  # its trace settings would replay onto no model
+                return
         else:
             return
         self._changes.pop(key, None)  # the latest change last: replays keep the order they were made in
         self._changes[key] = (method, body)
+
+    def _loads_at_start(self, model: str) -> bool:
+        """Whether a worker started now loads ``model`` itself (explicit mode, the only one taking changes: a
+        ``--load-model`` of a model directory). Only then must an unload of it be replayed; remembering the others
+        would let a client grow the replay log without a bound (uploads under new names, each unloaded)."""
+        wanted = self.config.load_models
+        return ("*" in wanted or model in wanted) and (self.config.model_repository / model).is_dir()
 
     async def _gather(self, slot: Slot, op: str, fields: Header, body: bytes) -> tuple[Header, bytes]:
         others = self._others(slot)

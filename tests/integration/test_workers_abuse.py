@@ -125,7 +125,10 @@ def workers_by_index(fleet: Fleet) -> dict[int, int]:
 
 
 def up(fleet: Fleet) -> list[float]:
-    metrics = fleet.metrics()
+    try:
+        metrics = fleet.metrics()
+    except OSError:  # a connection a killed worker's listener had queued, reset as it closes
+        return []
     return [metrics.get(("ferry_worker_up", (("worker", w),)), 0) for w in "01"]
 
 
@@ -144,6 +147,14 @@ def blocked_on_pipe(pid: int) -> bool:
             if wchan.read() == "wait_for_partner":
                 return True
     return False
+
+
+def kill(fleet: Fleet, index: int) -> None:
+    """SIGKILL worker ``index``; returns once the worker started in its place is up."""
+    old = workers_by_index(fleet)[index]
+    os.kill(old, signal.SIGKILL)
+    wait_for(f"new worker {index}", lambda: workers_by_index(fleet).get(index, old) != old)
+    wait_for("both workers up", lambda: up(fleet) == [1, 1])
 
 
 @contextlib.contextmanager
@@ -262,3 +273,45 @@ def test_http_calls_reach_only_workers_that_have_every_model_and_change(fleet: F
         loads = [rest(fleet, "POST", "/v2/repository/models/tiny/load", b"{}") for _ in range(6)]
         assert set(answers) == {200} and loads == [(200, b"{}")] * 6, (answers, loads)
     assert ready_everywhere(fleet, "tiny") == {True}
+
+
+# ---- resource bounds ------------------------------------------------------------------------------------------
+
+
+def upload(name: str, example_repo: Path) -> pb.RepositoryModelLoadRequest:
+    """A load of ``name`` from uploaded files (tiny's model): a model with no directory in the repository."""
+    config = {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 8,
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [16]}],
+        "output": [{"name": "output", "data_type": "TYPE_FP32", "dims": [4]}],
+    }
+    request = pb.RepositoryModelLoadRequest(model_name=name)
+    request.parameters["config"].string_param = json.dumps(config)
+    request.parameters["file:1/model.onnx"].bytes_param = (example_repo / "tiny" / "1" / "model.onnx").read_bytes()
+    return request
+
+
+def test_the_supervisor_forgets_unloads_a_new_worker_would_not_replay(fleet: Fleet, example_repo: Path) -> None:
+    """The supervisor remembers the latest change per model to replay it on a worker started again. An unload of
+    a model a new worker does not load at start (an upload) has nothing to replay: kept, a client uploading and
+    unloading new names would grow that memory (and every restart's replay) without a bound."""
+    names = [f"cycle{i}" for i in range(5)]
+    value = pb.TraceSettingRequest.SettingValue
+    for name in names:
+        assert call(fleet, ADMIN, "RepositoryModelLoad", upload(name, example_repo)) == pb.RepositoryModelLoadResponse()
+        trace = pb.TraceSettingRequest(model_name=name, settings={"trace_rate": value(value=["5"])})
+        assert call(fleet, ADMIN, "TraceSetting", trace).settings["trace_rate"].value == ["5"]
+        unloaded = call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=name))
+        assert unloaded == pb.RepositoryModelUnloadResponse()
+    kept = call(fleet, ADMIN, "RepositoryModelLoad", upload("kept", example_repo))
+    assert kept == pb.RepositoryModelLoadResponse()
+    try:
+        kill(fleet, 1)
+        assert ready_everywhere(fleet, "kept") == {True}  # the upload is replayed, files and all
+        assert ready_everywhere(fleet, names[0]) == {False}
+        replayed = [line for line in Path(fleet.log.name).read_text().splitlines() if "replaying" in line]
+        assert not [line for line in replayed if any(repr(name) in line for name in names)], replayed
+    finally:
+        call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="kept"))
