@@ -61,6 +61,7 @@ from ferry.server.security.guard import metric_families as security_metric_famil
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport, grpcaio
 from ferry.server.transport.server import bound_socket
+from ferry.server.workers.channel import frame_bound
 from ferry.server.workers.merge import merge_metrics
 from ferry.server.workers.worker import FleetOutcomes, FleetServicer, WorkerLink
 
@@ -426,7 +427,7 @@ async def serve(config: ServerConfig) -> None:
     """Run a server until SIGINT or SIGTERM, then drain (see the module docstring). Prints one line when ready.
     Started by a supervisor as one of several workers (:mod:`ferry.server.workers`), it tells the supervisor
     instead, writes its own prediction and audit logs, and stops as on SIGTERM if the supervisor goes away."""
-    worker = WorkerLink.from_env(2 * config.max_message_bytes + 2**20)
+    worker = WorkerLink.from_env(frame_bound(config.max_message_bytes))
     if worker is not None:
         config = _worker_config(config, worker.index)
     server = FerryServer(config, worker=worker)

@@ -51,7 +51,7 @@ from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client.errors import FerryError, Unavailable
 from ferry.server.config import ServerConfig
 from ferry.server.transport.server import bound_socket
-from ferry.server.workers.channel import Channel, Header, LinkClosed, status_value
+from ferry.server.workers.channel import Channel, Header, LinkClosed, frame_bound, status_value
 from ferry.server.workers.worker import ENV, LOAD, TRACE, UNLOAD, pack
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class Supervisor:
         self.config = config
         self.argv = list(argv)
         self.slots = [Slot(i) for i in range(config.workers)]
-        self._max_frame = 2 * config.max_message_bytes + 2**20
+        self._max_frame = frame_bound(config.max_message_bytes)
         self._changes: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
         self._change_lock = asyncio.Lock()
         self._stopping = False

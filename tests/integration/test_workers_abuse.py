@@ -315,3 +315,30 @@ def test_the_supervisor_forgets_unloads_a_new_worker_would_not_replay(fleet: Fle
         assert not [line for line in replayed if any(repr(name) in line for name in names)], replayed
     finally:
         call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name="kept"))
+
+
+def test_metrics_bigger_than_a_message_are_gathered_without_ending_a_worker(example_repo: Path, tmp_path: Path) -> None:
+    """The link's frame bound was 2 x --max-message-bytes + 1 MiB; a worker's /metrics text grows with its models
+    (some 10 KB each), and the worker whose text was over the bound lost its link at the scrape, so it stopped
+    and was started again, on every scrape."""
+    models = 120  # some 1.1 MB of /metrics per worker
+    for i in range(models):
+        shutil.copytree(example_repo / "tiny", tmp_path / f"m{i:03d}")
+        config = tmp_path / f"m{i:03d}" / "config.pbtxt"
+        config.write_text(config.read_text().replace('name: "tiny"', f'name: "m{i:03d}"'))
+    server = Fleet(tmp_path, "--max-message-bytes", "1024")
+    try:
+        pids = sorted(server.workers())
+        for _ in range(2):  # the worker asked gathers the other's text (over the old bound: that link ended)
+            metrics = server.metrics()
+            assert {labels for name, labels in metrics if name == "ferry_worker_requests_total"} == {
+                (("worker", "0"),),
+                (("worker", "1"),),
+            }
+            assert sum(v for (name, _), v in metrics.items() if name == "ferry_model_ready") == models
+        time.sleep(0.5)  # a worker that lost its link stops within this
+        metrics = server.metrics()
+        assert [metrics[("ferry_worker_restarts_total", (("worker", w),))] for w in "01"] == [0, 0]
+        assert sorted(server.workers()) == pids
+    finally:
+        assert server.stop() == 0
