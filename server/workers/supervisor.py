@@ -24,7 +24,8 @@ status (a bad flag or repository fails once, not N times in a loop).
 Signals: SIGTERM or SIGINT is passed to every worker as SIGTERM, and each drains as a lone server does (ready false,
 ``--drain-delay-s`` of serving, ``--shutdown-grace-s`` for calls in flight); the supervisor exits 0 once all exited
 0. A second signal is passed on as it came (the workers exit at once) and the supervisor exits with 128 + its
-number. SIGHUP is passed on (certificates and auth rules reload in every worker).
+number. SIGHUP is passed on (certificates and auth rules reload in every worker): at once to the workers that have
+joined, and to one still starting once it joins (before, the signal could end it).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Slot:
     restarts: int = 0
     started_at: float = 0.0
     line: str = ""
+    reload: bool = False  # a SIGHUP came while it could not take one yet: sent once it joins
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
@@ -121,7 +123,7 @@ class Supervisor:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._send_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         keepers = [loop.create_task(self._keep(slot), name=f"worker {slot.index}") for slot in self.slots]
         try:
             ready = loop.create_task(self._fleet_ready.wait())
@@ -138,7 +140,8 @@ class Supervisor:
         if self._failed is not None:
             return self._failed
         codes = [slot.process.returncode for slot in self.slots if slot.process is not None]
-        return 0 if all(code == 0 for code in codes) else 1
+        # -SIGTERM: a worker the stop reached before it could handle signals (still starting Python) stopped cleanly
+        return 0 if all(code in (0, -signal.SIGTERM) for code in codes) else 1
 
     def _reserve_ports(self) -> None:
         """Bind (not listen on) the ports with SO_REUSEPORT: port 0 becomes a port every worker binds."""
@@ -162,9 +165,17 @@ class Supervisor:
 
     def _send_all(self, sig: signal.Signals) -> None:
         for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(sig)
+            _send(slot, sig)
+
+    def _reload(self) -> None:
+        """SIGHUP: passed to every worker that has joined. A worker still starting may not handle it yet (it would
+        end the worker, and while the fleet starts, the fleet); it gets it once it joins, as it may have read the
+        certificates and auth rules before they changed."""
+        for slot in self.slots:
+            if slot.joined:
+                _send(slot, signal.SIGHUP)
+            else:
+                slot.reload = True
 
     async def _keep(self, slot: Slot) -> None:
         """Run worker ``slot`` until the supervisor stops, starting it again each time it exits."""
@@ -196,6 +207,7 @@ class Supervisor:
 
     async def _start(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot.reload = False  # a new process reads the files as they are now
         ports = ["--workers", "1", "--grpc-port", str(self.grpc_port)]
         if self.http_port is not None:
             ports += ["--http-port", str(self.http_port)]
@@ -213,6 +225,8 @@ class Supervisor:
             )
         finally:
             theirs.close()
+        if self._stopping:  # a signal came while it was being started, when _send_all could not see it
+            _send(slot, signal.SIGTERM)
         slot.started_at = time.monotonic()
         slot.channel = Channel(mine, partial(self._serve, slot), f"worker {slot.index}", self._max_frame)
         task = asyncio.get_running_loop().create_task(slot.channel.run())
@@ -280,6 +294,9 @@ class Supervisor:
                 except FerryError as err:
                     log.warning("worker %d: replaying %s: %s", slot.index, method.rsplit("/", 1)[-1], err.message)
             slot.joined = True
+            if slot.reload:
+                slot.reload = False
+                _send(slot, signal.SIGHUP)
 
     async def _broadcast(self, method: str, body: bytes) -> tuple[Header, bytes]:
         """Apply a change on every joined worker, one change at a time; remembered when any worker took it."""
@@ -333,6 +350,12 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SupervisorMetrics(self))
         return generate_latest(registry)
+
+
+def _send(slot: Slot, sig: signal.Signals) -> None:
+    if slot.process is not None and slot.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            slot.process.send_signal(sig)
 
 
 def _collect(

@@ -8,11 +8,14 @@ own command line (many models, signals at start) start their own fleet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +29,9 @@ import pytest
 
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.config import ServerConfig
 from ferry.server.security.auth import SCOPES, hash_token
+from ferry.server.workers.supervisor import Supervisor
 from tests.integration.test_workers import FRESH, Fleet, fresh, tiny_request
 
 ADMIN, NARROW, READER = "admin-token", "narrow-token", "reader-token"
@@ -342,3 +347,75 @@ def test_metrics_bigger_than_a_message_are_gathered_without_ending_a_worker(exam
         assert sorted(server.workers()) == pids
     finally:
         assert server.stop() == 0
+
+
+# ---- signals while workers start ------------------------------------------------------------------------------
+
+
+def signal_while_workers_start(repo: Path, sig: signal.Signals) -> subprocess.Popen[str]:
+    """``ferry serve --workers 2`` sent ``sig`` once both workers exist but are still starting Python (their own
+    handlers are not installed for a second or so; the supervisor's are)."""
+    command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(repo), "--workers", "2"]
+    command += ["--grpc-port", "0", "--http-port", "0", "--drain-delay-s", "0", "--model-control-mode", "explicit"]
+    command += ["--load-model", "tiny", "--auth-config", str(repo.parent / "auth.json")]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    wait_for("two workers", lambda: len(children.read_text().split()) == 2, timeout_s=30)
+    time.sleep(0.2)  # the supervisor has them as its workers (not a signal at the fork: see the next test)
+    proc.send_signal(sig)
+    return proc
+
+
+def test_sighup_while_workers_start_reaches_them_once_they_can_take_it(repo: Path) -> None:
+    """SIGHUP (certificates or auth rules changed) passed to a worker still starting Python ended it, and while
+    the fleet starts that stops the fleet."""
+    proc = signal_while_workers_start(repo, signal.SIGHUP)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("ferry ready:"), proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert err.count("auth config reloaded (SIGHUP)") == 2  # each worker got it once
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_sigterm_while_workers_start_stops_the_fleet_cleanly(repo: Path) -> None:
+    proc = signal_while_workers_start(repo, signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=30)
+        assert (proc.returncode, out) == (0, ""), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_sigterm_while_a_worker_is_spawned_reaches_it(repo: Path) -> None:
+    """The supervisor's stop signalled the workers it had: one whose process was created but not yet recorded
+    (the spawn awaits the new process's pipes) never got the SIGTERM, and the supervisor waited for it forever.
+    Driven in this process to land the signal exactly there: the stop is queued right behind the spawn."""
+    argv = ["serve", "--model-repository", str(repo), "--http-port", "-1", "--drain-delay-s", "0"]
+    config = ServerConfig.build(model_repository=repo, grpc_port=0, http_port=None, workers=2)
+
+    async def main() -> None:
+        supervisor = Supervisor(config, argv)
+        supervisor._reserve_ports()
+        slot = supervisor.slots[0]
+        keeper = asyncio.create_task(supervisor._keep(slot))
+        asyncio.get_running_loop().call_soon(supervisor._stop, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(keeper, 30)
+        finally:
+            if slot.process is not None and slot.process.returncode is None:
+                slot.process.kill()
+                await slot.process.wait()
+            for sock in supervisor._reserved:
+                sock.close()
+        assert slot.process is not None and slot.process.returncode in (0, -signal.SIGTERM)
+
+    asyncio.run(main())
