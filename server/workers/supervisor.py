@@ -286,7 +286,9 @@ class Supervisor:
     async def _join(self, slot: Slot) -> None:
         """Replay the changes made so far onto a worker that has loaded its models, then send it every new one."""
         async with self._change_lock:
-            for method, body in list(self._changes.values()):
+            # the models first, then the trace settings: a setting outlives reloads of its model, so it may have
+            # been made before the latest load of a model this worker does not have yet (stable: each in order)
+            for _, (method, body) in sorted(self._changes.items(), key=lambda change: change[0][0] == "trace"):
                 try:
                     await self._call(slot, "call", {"method": method}, body)
                 except LinkClosed:

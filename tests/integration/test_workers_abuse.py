@@ -419,3 +419,25 @@ def test_a_sigterm_while_a_worker_is_spawned_reaches_it(repo: Path) -> None:
         assert slot.process is not None and slot.process.returncode in (0, -signal.SIGTERM)
 
     asyncio.run(main())
+
+
+def test_a_worker_started_again_gets_the_trace_settings_of_a_model_reloaded_since(fleet: Fleet) -> None:
+    """Trace settings outlive a reload of the model. The replay log keeps the latest change per key in the order
+    made, so a reload after a trace change put the trace change first: replayed onto a worker that has not loaded
+    the model yet, it failed, and that worker traced the model at the default rate."""
+    value = pb.TraceSettingRequest.SettingValue
+    load = pb.RepositoryModelLoadRequest(model_name=HIDDEN)  # admin: not loaded at start
+    assert call(fleet, ADMIN, "RepositoryModelLoad", load) == pb.RepositoryModelLoadResponse()
+    try:
+        change = pb.TraceSettingRequest(model_name=HIDDEN, settings={"trace_rate": value(value=["7"])})
+        assert list(call(fleet, ADMIN, "TraceSetting", change).settings["trace_rate"].value) == ["7"]
+        assert call(fleet, ADMIN, "RepositoryModelLoad", load) == pb.RepositoryModelLoadResponse()  # a reload
+        kill(fleet, 0)
+
+        def rate(stub: pb_grpc.GRPCInferenceServiceStub) -> object:
+            reply = stub.TraceSetting(pb.TraceSettingRequest(model_name=HIDDEN), metadata=bearer(ADMIN), timeout=10)
+            return tuple(reply.settings["trace_rate"].value)
+
+        assert everywhere(fleet, rate) == {("7",)}
+    finally:
+        call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
