@@ -147,17 +147,23 @@ class Supervisor:
         """Bind (not listen on) the ports with SO_REUSEPORT: port 0 becomes a port every worker binds."""
         host = self.config.host
         try:
-            grpc_sock = bound_socket(host, self.config.grpc_port, reuse_port=True)
-            self._reserved.append(grpc_sock)
-            self.grpc_port = int(grpc_sock.getsockname()[1])
+            self.grpc_port = self._reserve(host, self.config.grpc_port)
             if self.config.http_port is not None:
-                http_sock = bound_socket(host, self.config.http_port, reuse_port=True)
-                self._reserved.append(http_sock)
-                self.http_port = int(http_sock.getsockname()[1])
+                self.http_port = self._reserve(host, self.config.http_port)
         except OSError as err:
             for sock in self._reserved:
                 sock.close()
             raise Unavailable(f"cannot bind the workers' ports on {host}: {err}") from None
+
+    def _reserve(self, host: str, port: int) -> int:
+        """Take ``port`` for the workers. First bound as a lone server binds it (no SO_REUSEPORT), which fails if
+        another server listens there: with SO_REUSEPORT alone, a second fleet started on the same ports would join
+        them, and the kernel would spread connections over both fleets."""
+        with bound_socket(host, port) as alone:
+            port = int(alone.getsockname()[1])
+        sock = bound_socket(host, port, reuse_port=True)
+        self._reserved.append(sock)
+        return port
 
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping = True

@@ -441,3 +441,16 @@ def test_a_worker_started_again_gets_the_trace_settings_of_a_model_reloaded_sinc
         assert everywhere(fleet, rate) == {("7",)}
     finally:
         call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
+
+
+def test_a_second_fleet_on_the_same_ports_is_refused(fleet: Fleet, repo: Path) -> None:
+    """The supervisor binds with SO_REUSEPORT, which another socket of the same user may share: a second fleet on
+    the running fleet's ports started and took part of its connections, where a lone server is refused."""
+    command = [sys.executable, "-m", "ferry.server", "serve", "--model-repository", str(repo), "--workers", "2"]
+    command += ["--grpc-port", fleet.grpc.split(":")[1], "--http-port", str(fleet.http)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "ferry ready" not in done.stdout
+    assert "cannot bind the workers' ports" in done.stderr and "Address already in use" in done.stderr, done.stderr
+    command[command.index("--grpc-port") + 1] = "0"  # the HTTP port alone is checked too
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Address already in use" in done.stderr, done.stderr
