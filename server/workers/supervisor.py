@@ -49,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ferry.client._proto import grpc_service_pb2 as pb
-from ferry.client.errors import FerryError, Unavailable
+from ferry.client.errors import DeadlineExceeded, FerryError, Unavailable
 from ferry.server.config import ServerConfig
 from ferry.server.transport.server import bound_socket
 from ferry.server.workers.channel import Channel, Header, LinkClosed, frame_bound, status_value
@@ -64,6 +64,10 @@ YOUNG_S = 10.0
 
 KILL_AFTER_S = 5.0
 """After a second signal, workers still running this long after it are killed."""
+
+GATHER_TIMEOUT_S = 3.0
+"""How long a read gathered from the other workers (/metrics, statistics, outcomes) waits for each: one that does
+not answer by then (its event loop stalled, its process stopped) is left out rather than holding up the answer."""
 
 
 @dataclass
@@ -266,7 +270,7 @@ class Supervisor:
             return await self._gather(slot, "call", {"method": header["method"]}, body)
         if op == "metrics":
             others = self._others(slot)
-            answers = await asyncio.gather(*(self._call(s, "metrics") for s in others), return_exceptions=True)
+            answers = await asyncio.gather(*(self._ask(s, "metrics") for s in others), return_exceptions=True)
             got = [(s.index, a[1]) for s, a in zip(others, answers, strict=True) if not isinstance(a, BaseException)]
             parts = [text for _, text in got] + [self._own_metrics()]
             return {"workers": [index for index, _ in got]}, pack(parts)
@@ -274,7 +278,7 @@ class Supervisor:
             results = []
             for other in self._others(slot):
                 try:
-                    reply, _ = await self._call(other, "outcomes", {}, body)
+                    reply, _ = await self._ask(other, "outcomes", {}, body)
                     results.append({"unmatched": reply["unmatched"]})
                 except FerryError as err:
                     log.warning("worker %d: outcomes: %s", other.index, err.message)
@@ -288,6 +292,13 @@ class Supervisor:
         if slot.channel is None:
             raise LinkClosed(f"worker {slot.index} is not running")
         return await slot.channel.call(op, fields, body)
+
+    async def _ask(self, slot: Slot, op: str, fields: Header | None = None, body: bytes = b"") -> tuple[Header, bytes]:
+        """A read from another worker, within :data:`GATHER_TIMEOUT_S`."""
+        try:
+            return await asyncio.wait_for(self._call(slot, op, fields, body), GATHER_TIMEOUT_S)
+        except TimeoutError:
+            raise DeadlineExceeded(f"worker {slot.index} did not answer within {GATHER_TIMEOUT_S:g}s") from None
 
     async def _join(self, slot: Slot) -> None:
         """Replay the changes made so far onto a worker that has loaded its models, then send it every new one."""
@@ -350,7 +361,7 @@ class Supervisor:
 
     async def _gather(self, slot: Slot, op: str, fields: Header, body: bytes) -> tuple[Header, bytes]:
         others = self._others(slot)
-        answers = await asyncio.gather(*(self._call(s, op, fields, body) for s in others), return_exceptions=True)
+        answers = await asyncio.gather(*(self._ask(s, op, fields, body) for s in others), return_exceptions=True)
         results, parts = _collect(others, answers)
         return {"results": results}, pack(parts)
 

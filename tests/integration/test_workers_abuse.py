@@ -31,7 +31,7 @@ from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server.config import ServerConfig
 from ferry.server.security.auth import SCOPES, hash_token
-from ferry.server.workers.supervisor import Supervisor
+from ferry.server.workers.supervisor import GATHER_TIMEOUT_S, Supervisor
 from tests.integration.test_workers import FRESH, Fleet, fresh, tiny_request
 
 ADMIN, NARROW, READER = "admin-token", "narrow-token", "reader-token"
@@ -454,3 +454,29 @@ def test_a_second_fleet_on_the_same_ports_is_refused(fleet: Fleet, repo: Path) -
     command[command.index("--grpc-port") + 1] = "0"  # the HTTP port alone is checked too
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "Address already in use" in done.stderr, done.stderr
+
+
+def test_statistics_answer_without_a_worker_that_stopped_answering(fleet: Fleet) -> None:
+    """A worker whose process is stopped (SIGSTOP; as one whose event loop stalls) held up every ModelStatistics
+    and /metrics gathered on the other workers until the caller's deadline: it is now left out after
+    GATHER_TIMEOUT_S. (Calls whose connection lands on the stopped worker itself wait, as on any stopped server.)"""
+    frozen = workers_by_index(fleet)[1]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        answered = 0
+        for _ in range(20):
+            with fresh(fleet.grpc) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                try:
+                    stub.ServerReady(pb.ServerReadyRequest(), timeout=1)
+                except grpc.RpcError:
+                    continue  # this connection is on the stopped worker
+                request = pb.ModelStatisticsRequest(name="tiny")
+                reply = stub.ModelStatistics(request, metadata=bearer(ADMIN), timeout=GATHER_TIMEOUT_S + 5)
+                assert [s.name for s in reply.model_stats] == ["tiny"]
+                answered += 1
+                if answered == 2:
+                    break
+        assert answered == 2
+    finally:
+        os.kill(frozen, signal.SIGCONT)
