@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +279,28 @@ def test_http_calls_reach_only_workers_that_have_every_model_and_change(fleet: F
         loads = [rest(fleet, "POST", "/v2/repository/models/tiny/load", b"{}") for _ in range(6)]
         assert set(answers) == {200} and loads == [(200, b"{}")] * 6, (answers, loads)
     assert ready_everywhere(fleet, "tiny") == {True}
+
+
+def test_concurrent_loads_and_unloads_through_both_workers_leave_them_alike(fleet: Fleet, example_repo: Path) -> None:
+    """Loads (from the repository and uploaded) and unloads of two models, from 8 callers on fresh connections
+    (so through both workers at once): every worker ends in the same state, and that state is served."""
+    changes: list[tuple[str, Any]] = []
+    for i in range(24):
+        if i % 3 == 2:
+            changes.append(("RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=(HIDDEN, "up")[i % 2])))
+        else:
+            load = pb.RepositoryModelLoadRequest(model_name=HIDDEN) if i % 2 == 0 else upload("up", example_repo)
+            changes.append(("RepositoryModelLoad", load))
+    try:
+        with ThreadPoolExecutor(8) as callers:
+            answers = list(callers.map(lambda change: call(fleet, ADMIN, *change), changes))
+        for answer in answers:  # done, or an unload of a model another caller's unload had just taken
+            assert not isinstance(answer, tuple) or answer[0] == grpc.StatusCode.NOT_FOUND, answer
+        for model in (HIDDEN, "up"):
+            assert len(ready_everywhere(fleet, model)) == 1, model
+    finally:
+        for model in (HIDDEN, "up"):
+            call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=model))
 
 
 # ---- resource bounds ------------------------------------------------------------------------------------------
