@@ -61,6 +61,7 @@ from ferry.server.security.guard import metric_families as security_metric_famil
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport, grpcaio
 from ferry.server.transport.server import bound_socket
+from ferry.server.workers.channel import frame_bound
 from ferry.server.workers.merge import merge_metrics
 from ferry.server.workers.worker import FleetOutcomes, FleetServicer, WorkerLink
 
@@ -180,18 +181,20 @@ class FerryServer:
             pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, local)
             self.worker.attach(local, lambda: exposition(self._registry), self.monitoring.outcomes)
             self.worker.start()
-            public = FleetServicer(servicer, self.worker)
+            public = FleetServicer(servicer, self.worker, self.guard.visible if self.guard is not None else None)
             public_outcomes = FleetOutcomes(outcomes, self.monitoring.outcomes, self.worker)
         self._register(public, public_outcomes, self.services)
         self._bind_grpc(public, public_outcomes)
         await self.update_health()  # NOT_SERVING while models load
         if self.guard is not None:
             self.guard.start()  # watches the auth file
-        if self.config.http_port is not None:
-            await self._start_http(self.config.http_port)
+        if self.config.http_port is not None and self.worker is None:
+            await self._start_http(self.config.http_port)  # health and /metrics answer while models load
         await self.repository.load_startup()
         if self.worker is not None:
             await self.worker.join()  # the changes made through the other workers, before taking calls
+            if self.config.http_port is not None:  # the other workers answer meanwhile: REST waits as gRPC does
+                await self._start_http(self.config.http_port)
         await self.update_health()
         await self._listen_grpc()
         if self.config.model_control_mode == "poll":
@@ -427,7 +430,7 @@ async def serve(config: ServerConfig) -> None:
     """Run a server until SIGINT or SIGTERM, then drain (see the module docstring). Prints one line when ready.
     Started by a supervisor as one of several workers (:mod:`ferry.server.workers`), it tells the supervisor
     instead, writes its own prediction and audit logs, and stops as on SIGTERM if the supervisor goes away."""
-    worker = WorkerLink.from_env(2 * config.max_message_bytes + 2**20)
+    worker = WorkerLink.from_env(frame_bound(config.max_message_bytes))
     if worker is not None:
         config = _worker_config(config, worker.index)
     server = FerryServer(config, worker=worker)

@@ -6,7 +6,11 @@ protobuf message, or the Prometheus text). A header holds ``id`` and either ``op
 are outstanding; each request is served in its own task, so a slow one (a model load) holds up no other.
 
 The two ends are the same program's processes, so the link trusts what it reads; a frame past ``max_frame_bytes``
-still ends the link rather than being buffered.
+still ends the link rather than being buffered. A sender never writes one: a request or reply that would be over
+the bound fails that one call with RESOURCE_EXHAUSTED instead (the link, and the worker on it, stay). The bound
+(:func:`frame_bound`) leaves room for a request body of ``--max-message-bytes`` twice over plus
+:data:`GATHERED_BYTES` for what no message size bounds: every worker's ``/metrics`` text or statistics gathered
+into one reply.
 """
 
 from __future__ import annotations
@@ -22,11 +26,20 @@ from typing import Any
 
 import grpc
 
-from ferry.client.errors import FerryError, Unavailable, error_for_status
+from ferry.client.errors import FerryError, ResourceExhausted, Unavailable, error_for_status
 
 log = logging.getLogger(__name__)
 
 _LENGTHS = struct.Struct("!II")
+
+GATHERED_BYTES = 64 << 20
+"""Room in a frame for gathered replies (the other workers' /metrics texts: some 10 KB per model version each)."""
+
+
+def frame_bound(max_message_bytes: int) -> int:
+    """The largest frame the link carries with ``--max-message-bytes`` (the module docstring)."""
+    return 2 * max_message_bytes + GATHERED_BYTES
+
 
 Header = dict[str, Any]
 Serve = Callable[[Header, bytes], Awaitable[tuple[Header, bytes]]]
@@ -88,6 +101,10 @@ class Channel:
         if self._writer is None or self._writer.is_closing():
             raise LinkClosed(f"the link to {self._name} is closed")
         head = json.dumps(header, separators=(",", ":")).encode()
+        if len(head) + len(body) > self._max_frame:  # the other end would end the link on reading it
+            raise ResourceExhausted(
+                f"{header.get('op', 'a reply')}: {len(head) + len(body)} bytes are over the link's {self._max_frame}"
+            )
         self._writer.write(_LENGTHS.pack(len(head), len(body)) + head)
         if body:
             self._writer.write(body)
@@ -104,7 +121,10 @@ class Channel:
             reply, out = {"code": grpc.StatusCode.INTERNAL.value[0], "message": f"{type(err).__name__}: {err}"}, b""
         reply["id"] = header.get("id")
         with contextlib.suppress(LinkClosed):
-            self._send(reply, out)
+            try:
+                self._send(reply, out)
+            except ResourceExhausted as err:  # the caller gets why, not the reply
+                self._send({"id": reply["id"], "code": err.code.value[0], "message": err.message}, b"")
 
     async def call(self, op: str, fields: Header | None = None, body: bytes = b"") -> tuple[Header, bytes]:
         """Send request ``op`` and return its reply's header and body; a reply other than OK raises its status
@@ -146,4 +166,4 @@ def status_value(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
-__all__ = ["Channel", "Header", "LinkClosed", "Serve", "status_value"]
+__all__ = ["GATHERED_BYTES", "Channel", "Header", "LinkClosed", "Serve", "frame_bound", "status_value"]

@@ -20,7 +20,7 @@ evenly the kernel spreads connections over the workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -92,15 +92,16 @@ def _add_durations(into: pb.InferStatistics, other: pb.InferStatistics) -> None:
 # -- Prometheus text
 
 
-def merge_metrics(texts: Sequence[bytes], extra: Iterable[Metric] = ()) -> bytes:
-    """The text format of the workers' expositions (``texts[i]`` is worker i's) merged as the module says, with
-    ``extra`` families (the supervisor's) after them."""
+def merge_metrics(texts: Mapping[int, bytes] | Sequence[bytes], extra: Iterable[Metric] = ()) -> bytes:
+    """The text format of the workers' expositions (``texts[i]`` is worker i's: a mapping leaves out the workers
+    that did not answer, such as one starting again) merged as the module says, with ``extra`` families (the
+    supervisor's) after them."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     requests = CounterMetricFamily(
         "ferry_worker_requests", "Inference requests each worker answered (success and failure).", labels=["worker"]
     )
-    for worker, text in enumerate(texts):
+    for worker, text in texts.items() if isinstance(texts, Mapping) else enumerate(texts):
         answered = 0.0
         for family in text_string_to_metric_families(text.decode()):
             families.setdefault(family.name, Metric(family.name, family.documentation, family.type))

@@ -12,7 +12,8 @@ passes it on once), with one end of a socket pair (:mod:`~ferry.server.workers.c
 
 - applies changes to every worker (loads, unloads, trace settings: :mod:`~ferry.server.workers.worker`), one
   change at a time, and remembers the latest per model, so a worker started later (a restart) gets them replayed
-  before it listens;
+  before it listens (an unload only of a model a worker loads at start: the log holds at most one entry per model
+  directory, per uploaded model serving and per trace setting's model);
 - gathers statistics, metrics and outcomes from the other workers for the worker a caller asked.
 
 A worker that exits is reported (a WARNING with its exit status, ``ferry_worker_restarts``) and started again, at
@@ -23,7 +24,8 @@ status (a bad flag or repository fails once, not N times in a loop).
 Signals: SIGTERM or SIGINT is passed to every worker as SIGTERM, and each drains as a lone server does (ready false,
 ``--drain-delay-s`` of serving, ``--shutdown-grace-s`` for calls in flight); the supervisor exits 0 once all exited
 0. A second signal is passed on as it came (the workers exit at once) and the supervisor exits with 128 + its
-number. SIGHUP is passed on (certificates and auth rules reload in every worker).
+number. SIGHUP is passed on (certificates and auth rules reload in every worker): at once to the workers that have
+joined, and to one still starting once it joins (before, the signal could end it).
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ferry.client._proto import grpc_service_pb2 as pb
-from ferry.client.errors import FerryError, Unavailable
+from ferry.client.errors import DeadlineExceeded, FerryError, Unavailable
 from ferry.server.config import ServerConfig
 from ferry.server.transport.server import bound_socket
-from ferry.server.workers.channel import Channel, Header, LinkClosed, status_value
+from ferry.server.workers.channel import Channel, Header, LinkClosed, frame_bound, status_value
 from ferry.server.workers.worker import ENV, LOAD, TRACE, UNLOAD, pack
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,10 @@ YOUNG_S = 10.0
 
 KILL_AFTER_S = 5.0
 """After a second signal, workers still running this long after it are killed."""
+
+GATHER_TIMEOUT_S = 3.0
+"""How long a read gathered from the other workers (/metrics, statistics, outcomes) waits for each: one that does
+not answer by then (its event loop stalled, its process stopped) is left out rather than holding up the answer."""
 
 
 @dataclass
@@ -76,6 +82,7 @@ class Slot:
     restarts: int = 0
     started_at: float = 0.0
     line: str = ""
+    reload: bool = False  # a SIGHUP came while it could not take one yet: sent once it joins
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
@@ -86,7 +93,7 @@ class Supervisor:
         self.config = config
         self.argv = list(argv)
         self.slots = [Slot(i) for i in range(config.workers)]
-        self._max_frame = 2 * config.max_message_bytes + 2**20
+        self._max_frame = frame_bound(config.max_message_bytes)
         self._changes: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
         self._change_lock = asyncio.Lock()
         self._stopping = False
@@ -120,7 +127,7 @@ class Supervisor:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._send_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         keepers = [loop.create_task(self._keep(slot), name=f"worker {slot.index}") for slot in self.slots]
         try:
             ready = loop.create_task(self._fleet_ready.wait())
@@ -144,17 +151,23 @@ class Supervisor:
         """Bind (not listen on) the ports with SO_REUSEPORT: port 0 becomes a port every worker binds."""
         host = self.config.host
         try:
-            grpc_sock = bound_socket(host, self.config.grpc_port, reuse_port=True)
-            self._reserved.append(grpc_sock)
-            self.grpc_port = int(grpc_sock.getsockname()[1])
+            self.grpc_port = self._reserve(host, self.config.grpc_port)
             if self.config.http_port is not None:
-                http_sock = bound_socket(host, self.config.http_port, reuse_port=True)
-                self._reserved.append(http_sock)
-                self.http_port = int(http_sock.getsockname()[1])
+                self.http_port = self._reserve(host, self.config.http_port)
         except OSError as err:
             for sock in self._reserved:
                 sock.close()
             raise Unavailable(f"cannot bind the workers' ports on {host}: {err}") from None
+
+    def _reserve(self, host: str, port: int) -> int:
+        """Take ``port`` for the workers. First bound as a lone server binds it (no SO_REUSEPORT), which fails if
+        another server listens there: with SO_REUSEPORT alone, a second fleet started on the same ports would join
+        them, and the kernel would spread connections over both fleets."""
+        with bound_socket(host, port) as alone:
+            port = int(alone.getsockname()[1])
+        sock = bound_socket(host, port, reuse_port=True)
+        self._reserved.append(sock)
+        return port
 
     def _stop(self, sig: signal.Signals) -> None:
         self._stopping = True
@@ -162,9 +175,17 @@ class Supervisor:
 
     def _send_all(self, sig: signal.Signals) -> None:
         for slot in self.slots:
-            if slot.process is not None and slot.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    slot.process.send_signal(sig)
+            _send(slot, sig)
+
+    def _reload(self) -> None:
+        """SIGHUP: passed to every worker that has joined. A worker still starting may not handle it yet (it would
+        end the worker, and while the fleet starts, the fleet); it gets it once it joins, as it may have read the
+        certificates and auth rules before they changed."""
+        for slot in self.slots:
+            if slot.joined:
+                _send(slot, signal.SIGHUP)
+            else:
+                slot.reload = True
 
     async def _keep(self, slot: Slot) -> None:
         """Run worker ``slot`` until the supervisor stops, starting it again each time it exits."""
@@ -196,6 +217,7 @@ class Supervisor:
 
     async def _start(self, slot: Slot) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        slot.reload = False  # a new process reads the files as they are now
         ports = ["--workers", "1", "--grpc-port", str(self.grpc_port)]
         if self.http_port is not None:
             ports += ["--http-port", str(self.http_port)]
@@ -213,6 +235,8 @@ class Supervisor:
             )
         finally:
             theirs.close()
+        if self._stopping:  # a signal came while it was being started, when _send_all could not see it
+            _send(slot, signal.SIGTERM)
         slot.started_at = time.monotonic()
         slot.channel = Channel(mine, partial(self._serve, slot), f"worker {slot.index}", self._max_frame)
         task = asyncio.get_running_loop().create_task(slot.channel.run())
@@ -246,7 +270,7 @@ class Supervisor:
             return await self._gather(slot, "call", {"method": header["method"]}, body)
         if op == "metrics":
             others = self._others(slot)
-            answers = await asyncio.gather(*(self._call(s, "metrics") for s in others), return_exceptions=True)
+            answers = await asyncio.gather(*(self._ask(s, "metrics") for s in others), return_exceptions=True)
             got = [(s.index, a[1]) for s, a in zip(others, answers, strict=True) if not isinstance(a, BaseException)]
             parts = [text for _, text in got] + [self._own_metrics()]
             return {"workers": [index for index, _ in got]}, pack(parts)
@@ -254,7 +278,7 @@ class Supervisor:
             results = []
             for other in self._others(slot):
                 try:
-                    reply, _ = await self._call(other, "outcomes", {}, body)
+                    reply, _ = await self._ask(other, "outcomes", {}, body)
                     results.append({"unmatched": reply["unmatched"]})
                 except FerryError as err:
                     log.warning("worker %d: outcomes: %s", other.index, err.message)
@@ -269,10 +293,19 @@ class Supervisor:
             raise LinkClosed(f"worker {slot.index} is not running")
         return await slot.channel.call(op, fields, body)
 
+    async def _ask(self, slot: Slot, op: str, fields: Header | None = None, body: bytes = b"") -> tuple[Header, bytes]:
+        """A read from another worker, within :data:`GATHER_TIMEOUT_S`."""
+        try:
+            return await asyncio.wait_for(self._call(slot, op, fields, body), GATHER_TIMEOUT_S)
+        except TimeoutError:
+            raise DeadlineExceeded(f"worker {slot.index} did not answer within {GATHER_TIMEOUT_S:g}s") from None
+
     async def _join(self, slot: Slot) -> None:
         """Replay the changes made so far onto a worker that has loaded its models, then send it every new one."""
         async with self._change_lock:
-            for method, body in list(self._changes.values()):
+            # the models first, then the trace settings: a setting outlives reloads of its model, so it may have
+            # been made before the latest load of a model this worker does not have yet (stable: each in order)
+            for _, (method, body) in sorted(self._changes.items(), key=lambda change: change[0][0] == "trace"):
                 try:
                     await self._call(slot, "call", {"method": method}, body)
                 except LinkClosed:
@@ -280,6 +313,9 @@ class Supervisor:
                 except FerryError as err:
                     log.warning("worker %d: replaying %s: %s", slot.index, method.rsplit("/", 1)[-1], err.message)
             slot.joined = True
+            if slot.reload:
+                slot.reload = False
+                _send(slot, signal.SIGHUP)
 
     async def _broadcast(self, method: str, body: bytes) -> tuple[Header, bytes]:
         """Apply a change on every joined worker, one change at a time; remembered when any worker took it."""
@@ -307,14 +343,25 @@ class Supervisor:
             key = ("model", pb.RepositoryModelLoadRequest.FromString(body).model_name)
         elif method == UNLOAD:
             key = ("model", pb.RepositoryModelUnloadRequest.FromString(body).model_name)
+            if not self._loads_at_start(key[1]):  # a new worker never has it: nothing to replay, nothing to keep
+                self._changes.pop(key, None)
+                self._changes.pop(("trace", key[1]), None)  # its trace settings would replay onto no model
+                return
         else:
             return
         self._changes.pop(key, None)  # the latest change last: replays keep the order they were made in
         self._changes[key] = (method, body)
 
+    def _loads_at_start(self, model: str) -> bool:
+        """Whether a worker started now loads ``model`` itself (explicit mode, the only one taking changes: a
+        ``--load-model`` of a model directory). Only then must an unload of it be replayed; remembering the others
+        would let a client grow the replay log without a bound (uploads under new names, each unloaded)."""
+        wanted = self.config.load_models
+        return ("*" in wanted or model in wanted) and (self.config.model_repository / model).is_dir()
+
     async def _gather(self, slot: Slot, op: str, fields: Header, body: bytes) -> tuple[Header, bytes]:
         others = self._others(slot)
-        answers = await asyncio.gather(*(self._call(s, op, fields, body) for s in others), return_exceptions=True)
+        answers = await asyncio.gather(*(self._ask(s, op, fields, body) for s in others), return_exceptions=True)
         results, parts = _collect(others, answers)
         return {"results": results}, pack(parts)
 
@@ -322,6 +369,12 @@ class Supervisor:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SupervisorMetrics(self))
         return generate_latest(registry)
+
+
+def _send(slot: Slot, sig: signal.Signals) -> None:
+    if slot.process is not None and slot.process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            slot.process.send_signal(sig)
 
 
 def _collect(

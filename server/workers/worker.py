@@ -13,7 +13,8 @@ supervisor (:class:`WorkerLink`):
 
 The caller's credentials are checked once, by the worker it reached (the guard wraps these methods as any other);
 the supervisor calls the other workers' handlers directly (:func:`call_local`), over the socket pair only the two
-processes hold.
+processes hold. Those calls run with no caller, so they see every model: a change to a model the caller may not see
+is not broadcast but answered by the worker reached alone, as a lone server answers it (as an unknown model).
 """
 
 from __future__ import annotations
@@ -185,17 +186,15 @@ class WorkerLink:
                 replies.append(part)
         return replies
 
-    async def metrics(self) -> tuple[list[bytes], bytes]:
-        """Every worker's own /metrics text (index i: worker i's, this one's included), and the supervisor's."""
+    async def metrics(self) -> tuple[dict[int, bytes], bytes]:
+        """Every running worker's own /metrics text by worker index (this one's included), and the supervisor's."""
         assert self._scrape is not None
         own = self._scrape()
         header, out = await self.channel.call("metrics")
-        texts: list[bytes | None] = [None] * self.count
-        texts[self.index] = own
         parts = _parts(out, len(header["workers"]) + 1)
-        for worker, text in zip(header["workers"], parts, strict=False):
-            texts[worker] = text
-        return [t for t in texts if t is not None], parts[-1]
+        texts = dict(zip(header["workers"], parts, strict=False))
+        texts[self.index] = own
+        return dict(sorted(texts.items())), parts[-1]
 
     async def outcomes(self, request: fpb.ReportOutcomesRequest) -> list[set[int]]:
         """Offer outcomes to every other worker; the positions each left unmatched."""
@@ -223,11 +222,15 @@ def _code(value: int) -> grpc.StatusCode:
 
 class FleetServicer:
     """The inference service as callers reach it with several workers: the servicer of this worker, with the
-    changes broadcast and the statistics gathered (the module docstring)."""
+    changes broadcast and the statistics gathered (the module docstring). ``visible(model)``: whether the current
+    caller may see a model (the guard's :meth:`~ferry.server.security.guard.Guard.visible`; None: no auth)."""
 
-    def __init__(self, servicer: InferenceServicer, link: WorkerLink) -> None:
+    def __init__(
+        self, servicer: InferenceServicer, link: WorkerLink, visible: Callable[[str], bool] | None = None
+    ) -> None:
         self._servicer = servicer
         self._link = link
+        self._visible = visible
         self.tracing = servicer.tracing
         self.service_name = servicer.service_name
 
@@ -237,20 +240,38 @@ class FleetServicer:
     async def _broadcast(self, path: str, request: Any, reply_type: Any) -> Any:
         return reply_type.FromString(await self._link.broadcast(path, request.SerializeToString()))
 
-    @rpc
+    def _hidden(self, model: str) -> bool:
+        """Whether ``model`` is one the caller may not see: the other workers' handlers, called with no caller,
+        would see it, so the change must not reach them."""
+        return bool(model) and self._visible is not None and not self._visible(model)
+
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        return await self._broadcast(LOAD, request, pb.RepositoryModelLoadResponse)
+        if self._hidden(request.model_name):  # this worker's own handler refuses it, as a lone server does
+            return await self._servicer.RepositoryModelLoad(request, context)
+        return await self._load_change(request, context)
 
-    @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        if self._hidden(request.model_name):
+            return await self._servicer.RepositoryModelUnload(request, context)
+        return await self._unload_change(request, context)
+
+    async def _load_change(self, request: pb.RepositoryModelLoadRequest, context: Any) -> Any:
+        return await self._broadcast(LOAD, request, pb.RepositoryModelLoadResponse)
+
+    async def _unload_change(self, request: pb.RepositoryModelUnloadRequest, context: Any) -> Any:
         return await self._broadcast(UNLOAD, request, pb.RepositoryModelUnloadResponse)
 
+    _load_change.__name__ = "RepositoryModelLoad"  # the span's name
+    _load_change = rpc(_load_change)
+    _unload_change.__name__ = "RepositoryModelUnload"
+    _unload_change = rpc(_unload_change)
+
     async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
-        if not request.settings:  # a read: this worker's settings are every worker's
+        if not request.settings or self._hidden(request.model_name):  # a read (the same on every worker), or refused
             return await self._servicer.TraceSetting(request, context)
         return await self._trace_change(request, context)
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.client._proto import grpc_service_pb2 as pb
-from ferry.client.errors import InvalidArgument
+from ferry.client.errors import InvalidArgument, ResourceExhausted
 from ferry.server.workers.channel import Channel, Header, LinkClosed
 from ferry.server.workers.merge import add_statistics, merge_metrics
 from ferry.server.workers.worker import _parts, pack
@@ -114,10 +114,12 @@ def test_several_bodies_pack_into_one() -> None:
     assert _parts(pack(parts), 3) == parts
 
 
-async def pair(serve_a: object, serve_b: object, max_frame: int = 2**20) -> tuple[Channel, Channel, list[object]]:
+async def pair(
+    serve_a: object, serve_b: object, max_frame: int = 2**20, max_frame_b: int | None = None
+) -> tuple[Channel, Channel, list[object]]:
     a_sock, b_sock = socket.socketpair()
     a = Channel(a_sock, serve_a, "b", max_frame)  # type: ignore[arg-type]
-    b = Channel(b_sock, serve_b, "a", max_frame)  # type: ignore[arg-type]
+    b = Channel(b_sock, serve_b, "a", max_frame if max_frame_b is None else max_frame_b)  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(a.run()), loop.create_task(b.run())]
     await asyncio.sleep(0.01)
@@ -170,9 +172,27 @@ def test_a_call_fails_when_the_other_end_goes_away() -> None:
     asyncio.run(main())
 
 
-def test_a_frame_over_the_bound_ends_the_link() -> None:
+def test_a_call_or_reply_over_the_bound_fails_alone_and_the_link_stays() -> None:
+    async def grow(header: Header, body: bytes) -> tuple[Header, bytes]:
+        return {}, body * 8
+
     async def main() -> None:
-        a, b, tasks = await pair(echo, echo, max_frame=1024)
+        a, b, tasks = await pair(grow, grow, max_frame=1024)
+        with pytest.raises(ResourceExhausted, match="over the link's 1024"):
+            await a.call("big", {}, b"x" * 4096)  # never sent
+        with pytest.raises(ResourceExhausted, match="over the link's 1024"):
+            await a.call("grows", {}, b"x" * 200)  # its reply would be 1600 bytes
+        assert (await a.call("small", {}, b"x"))[1] == b"x" * 8
+        assert not a.closed.is_set() and not b.closed.is_set()
+        a.close()
+        await asyncio.gather(*tasks, return_exceptions=True)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def test_a_frame_read_over_the_bound_ends_the_link() -> None:
+    async def main() -> None:
+        a, b, tasks = await pair(echo, echo, max_frame=2**20, max_frame_b=1024)
         with pytest.raises(LinkClosed):
             await a.call("big", {}, b"x" * 4096)
         assert b.closed.is_set()
