@@ -133,6 +133,7 @@ class Http1Connection(asyncio.Protocol):
         self._write_paused = False
         self._eof = False
         self._stopping = False
+        self._out: list[bytes] = []  # answers not yet written: written at the end of the loop's turn
 
     # -- asyncio's protocol
 
@@ -325,18 +326,29 @@ class Http1Connection(asyncio.Protocol):
         if answer.headers:
             head += "".join(f"{name}: {value}\r\n" for name, value in answer.headers.items()).encode("latin-1")
         head += b"Connection: close\r\n\r\n" if ending else b"\r\n"
+        out = self._out
+        if not out:
+            self._server.flush_soon(self)
         if len(body) <= _HEAD_AT_ONCE:
-            transport.write(head + body)
+            out.append(head + body)
         else:
-            transport.writelines((head, body))
+            out += (head, body)
         if not ending:
             return True
+        self.flush()
         if answer.close:  # refused before its body was read (the REST layer's own refusals)
             self._reading = False
             self._linger()
         else:
             transport.close()
         return False
+
+    def flush(self) -> None:
+        """Write the answers made since the last flush, in one write."""
+        out = self._out
+        if out and self._transport is not None:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def _send_continue(self) -> None:
         if self._task is None and not self._queue and self._transport is not None:
@@ -445,7 +457,20 @@ class Http1Server:
         self.connections: set[Http1Connection] = set()
         self._server: asyncio.Server | None = None
         self._idle: asyncio.Event | None = None
+        self._flushing: list[Http1Connection] = []
         self.port = 0
+
+    def flush_soon(self, conn: Http1Connection) -> None:
+        """Write ``conn``'s answers after the other connections' reads of this loop turn are answered: each
+        write on loopback runs the client's receive path and wakes it, so the turn's answers go out together."""
+        if not self._flushing:
+            self.loop.call_soon(self._flush)
+        self._flushing.append(conn)
+
+    def _flush(self) -> None:
+        flushing, self._flushing = self._flushing, []
+        for conn in flushing:
+            conn.flush()
 
     async def start(self, host: str, port: int, ssl: Any = None) -> None:
         self._server = await self.loop.create_server(
