@@ -53,7 +53,10 @@ _BUSY = (
     b'Connection: close\r\nContent-Length: 44\r\n\r\n{"error": "too many connections; try again"}'
 )
 _HEAD_AT_ONCE = 64 * 1024
-"""Answers up to this size go out as one write of head and body joined; larger ones as two buffers."""
+"""Answers up to this size go out as one write of head and body joined; larger ones as two buffers. Answers
+waiting for the end of the loop's turn are written at once past it."""
+_SLICE_BYTES = 16 * 1024
+"""What the parser is fed at a time (a body under way: all of it that has come): a header's worth."""
 
 
 class _Refused(Exception):
@@ -119,6 +122,8 @@ class Http1Connection(asyncio.Protocol):
         self._line = 0  # bytes of the header line not yet complete
         self._in_head = False  # its request line has begun and its header is not complete
         self._in_body = False  # its header is complete and its body is not
+        self._body_left = 0  # bytes of its body still to come, as its Content-Length declares
+        self._unfed = bytearray()  # read and not yet parsed: requests wait for their answers
         self._continue = False  # it asked for "100 Continue" and has not had it
         # requests parsed and not yet answered: (request, keep-alive), or (None, False) for a refusal's answer
         self._queue: deque[tuple[HttpRequest | None, bool]] = deque()
@@ -134,6 +139,7 @@ class Http1Connection(asyncio.Protocol):
         self._eof = False
         self._stopping = False
         self._out: list[bytes] = []  # answers not yet written: written at the end of the loop's turn
+        self._out_bytes = 0
 
     # -- asyncio's protocol
 
@@ -169,25 +175,48 @@ class Http1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._reading:
             return
-        began_in_head = self._in_head
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # a protocol switch Ferry does not make: answer, then close
-            self._reading = False
-            self._eof = True
-        except httptools.HttpParserCallbackError as err:
-            cause = err.__context__
-            self._refuse(cause if isinstance(cause, _Refused) else _Refused(400, "BadHttpMessage"))
-        except httptools.HttpParserError:
-            self._refuse(_Refused(400, "BadHttpMessage"))
-        else:
-            if self._in_head:
-                self._check_line(data, began_in_head)
+        if self._unfed:  # requests wait for their answers: read on only when they are answered
+            self._unfed += data
+            return
+        self._feed(data)
         self._serve()
 
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``, a slice at a time while the requests parsed and not answered are under the limit; the
+        rest waits in ``_unfed`` (and the connection is not read) until they are answered. A slice is one
+        header's worth, or the body under way: a read full of small pipelined requests is not parsed at once."""
+        view = memoryview(data)
+        size = len(data)
+        pos = 0
+        parser = self._parser
+        cap = self._limits.max_pipelined
+        while pos < size:
+            if len(self._queue) >= cap:
+                self._unfed = bytearray(view[pos:])
+                self._pause_reading()
+                return
+            step = max(_SLICE_BYTES, self._body_left) if self._in_body else _SLICE_BYTES
+            piece = view[pos : pos + step] if pos or step < size else data
+            pos += len(piece)
+            began_in_head = self._in_head
+            try:
+                parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:  # a protocol switch Ferry does not make: answer, then close
+                self._reading = False
+                self._eof = True
+                return
+            except httptools.HttpParserCallbackError as err:
+                cause = err.__context__
+                self._refuse(cause if isinstance(cause, _Refused) else _Refused(400, "BadHttpMessage"))
+                return
+            except httptools.HttpParserError:
+                self._refuse(_Refused(400, "BadHttpMessage"))
+                return
+            if self._in_head:
+                self._check_line(bytes(piece), began_in_head)
+
     def eof_received(self) -> bool:
-        self._eof = True
-        self._reading = False
+        self._eof = True  # what was read is still answered (and what waits unparsed, parsed)
         self._serve()
         return True  # the transport stays open for the answers still to write; _serve closes it
 
@@ -228,6 +257,7 @@ class Http1Connection(asyncio.Protocol):
         length = self._headers.get("content-length")
         if length is not None and int(length) > limits.max_body_bytes:  # the parser has checked it is a number
             raise _Refused(413, f"the body is {int(length)} bytes; the limit is {limits.max_body_bytes}")
+        self._body_left = int(length) if length is not None else 0
         self._since = self._loop.time()
         self._arm(self._since + limits.body_timeout_s)
         if self._headers.get("expect", "").lower() == "100-continue":
@@ -236,6 +266,7 @@ class Http1Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
+        self._body_left -= len(body)
         if self._body_bytes > self._limits.max_body_bytes:
             raise _Refused(413, f"the body is over the limit of {self._limits.max_body_bytes} bytes")
         self._body.append(body)
@@ -264,34 +295,39 @@ class Http1Connection(asyncio.Protocol):
         """Answer the queued requests in order, each in this turn when it can be; stops at one that has to wait
         (its task carries on, and calls this again when done) or while the client does not read its answers."""
         queue = self._queue
-        while queue and self._task is None and not self._write_paused:
-            request, keep_alive = queue.popleft()
-            if request is None:
-                self._finish_refused()
-                return
-            coro = self._app.resolve(request)(request)
-            context = contextvars.copy_context()
-            try:
-                waiting = context.run(coro.send, None)
-            except StopIteration as done:
-                if not self._write(done.value, keep_alive):
+        while True:
+            while queue and self._task is None and not self._write_paused:
+                request, keep_alive = queue.popleft()
+                if request is None:
+                    self._finish_refused()
                     return
-                answered = True
-                continue
-            task: asyncio.Task[HttpAnswer] = self._loop.create_task(Handler(coro, waiting), context=context)  # type: ignore[arg-type]
-            self._task = task
-            self._task_keep_alive = keep_alive
-            task.add_done_callback(self._answered)
-            return
+                coro = self._app.resolve(request)(request)
+                context = contextvars.copy_context()
+                try:
+                    waiting = context.run(coro.send, None)
+                except StopIteration as done:
+                    if not self._write(done.value, keep_alive):
+                        return
+                    answered = True
+                    continue
+                task: asyncio.Task[HttpAnswer] = self._loop.create_task(Handler(coro, waiting), context=context)  # type: ignore[arg-type]
+                self._task = task
+                self._task_keep_alive = keep_alive
+                task.add_done_callback(self._answered)
+                return
+            if self._transport is None or self._task is not None or queue or self._write_paused:
+                return
+            if not self._unfed or not self._reading:
+                break
+            unfed, self._unfed = bytes(self._unfed), bytearray()  # parse what waited, then answer it
+            self._feed(unfed)
         transport = self._transport
-        if transport is None or self._task is not None or queue:
-            return
         if self._eof or self._stopping:
             transport.close()
             return
         if self._continue:  # a body waits for our "100 Continue" until the answers ahead of it are out
             self._send_continue()
-        if self._read_paused and not self._write_paused and self._reading:
+        if self._read_paused and self._reading:
             self._read_paused = False
             transport.resume_reading()
         if answered and not self._in_body:  # idle: the next header is due within the keep-alive timeout of this answer
@@ -333,6 +369,9 @@ class Http1Connection(asyncio.Protocol):
             out.append(head + body)
         else:
             out += (head, body)
+        self._out_bytes += len(head) + len(body)
+        if self._out_bytes > _HEAD_AT_ONCE:  # out now: the transport's high-water mark stops more answers
+            self.flush()
         if not ending:
             return True
         self.flush()
@@ -349,6 +388,7 @@ class Http1Connection(asyncio.Protocol):
         if out and self._transport is not None:
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+        self._out_bytes = 0
 
     def _send_continue(self) -> None:
         if self._task is None and not self._queue and self._transport is not None:
