@@ -138,3 +138,15 @@ def test_a_chunked_body_past_the_limit_is_413(serving: Serving) -> None:
     with socket.create_connection(("127.0.0.1", serving.port), timeout=30) as sock:  # under the limit: read
         sock.sendall(head + b"200\r\n" + b"a" * 512 + b"\r\n0\r\n\r\n")
         assert sock.recv(65536).endswith(b"\r\n\r\n512")
+
+
+def test_expect_100_continue(serving: Serving) -> None:
+    head = b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", serving.port), timeout=30) as sock:
+        sock.sendall(head % 600)
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # asked for the body: then it comes
+        sock.sendall(b"a" * 600)
+        assert sock.recv(65536).endswith(b"\r\n\r\n600")
+    with socket.create_connection(("127.0.0.1", serving.port), timeout=30) as sock:
+        sock.sendall(head % 5000)  # over the limit: refused before the body is asked for
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413 ")
