@@ -19,7 +19,9 @@ PARAMS = st.dictionaries(
     st.text(min_size=1, max_size=6).filter(
         lambda k: k not in ("binary_data_size", "binary_data", "binary_data_output")
     ),
-    st.one_of(st.booleans(), INT64, st.integers(2**63, 2**64 - 1), st.floats(allow_nan=False), TEXT),
+    st.one_of(
+        st.booleans(), INT64, st.integers(2**63, 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False), TEXT
+    ),
     max_size=3,
 )
 
