@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-from aiohttp import web
 from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,7 +41,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ferry.client._proto import ferry_pb2, ferry_pb2_grpc, grpc_service_pb2
 from ferry.client._proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.errors import Unavailable
-from ferry.server.api.http import HttpLimits, LimitedSite, create_http_app
+from ferry.server.api.http import HttpLimits, create_http_app
 from ferry.server.api.servicer import SERVICE_NAME, InferenceServicer
 from ferry.server.config import ServerConfig
 from ferry.server.inference.cache import ResultCache
@@ -60,6 +59,7 @@ from ferry.server.security.guard import Guard
 from ferry.server.security.guard import metric_families as security_metric_families
 from ferry.server.security.tls import GRPC_ALPN, HTTP_ALPN, CertificateReloader, TlsFiles
 from ferry.server.transport import Limits, Services, Transport, grpcaio
+from ferry.server.transport.http1 import Http1Server
 from ferry.server.transport.server import bound_socket
 from ferry.server.workers.channel import frame_bound
 from ferry.server.workers.merge import merge_metrics
@@ -141,7 +141,7 @@ class FerryServer:
         self.http_port: int | None = None
         self._health = health.aio.HealthServicer()
         self._draining = False
-        self._http_runner: web.AppRunner | None = None
+        self._http: Http1Server | None = None
         self._grpc: grpc.aio.Server | None = None  # made in start(): it binds to the running event loop
         self._transport: Transport | None = None
         self._grpc_socket: socket.socket | None = None  # holds the grpcio port until grpc.aio listens on it
@@ -306,27 +306,18 @@ class FerryServer:
     async def _start_http(self, port: int) -> None:
         limits = self.http_limits()
         app = create_http_app(self._scrape, self.services.lookup, limits)
-        # on stop, calls in flight get the drain time, as gRPC's do (aiohttp's default is 60 s)
-        runner = web.AppRunner(
-            app, access_log=None, shutdown_timeout=self.config.shutdown_grace_s, **limits.runner_options()
-        )
-        await runner.setup()
-        site = LimitedSite(
-            runner,
-            self.config.host,
-            port,
-            max_connections=limits.max_connections,
-            tls_handshake_timeout_s=limits.tls_handshake_timeout_s,
-            ssl_context=self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None,
-            reuse_port=self.worker is not None,
-        )
+        server = Http1Server(app, limits)
         try:
-            await site.start()
+            await server.start(
+                self.config.host,
+                port,
+                ssl=self.tls.listener_context(HTTP_ALPN) if self.tls is not None else None,
+                reuse_port=self.worker is not None,  # the workers share the port
+            )
         except OSError as err:
-            await runner.cleanup()
             raise Unavailable(f"cannot bind HTTP to {self.config.host}:{port}: {err}") from None
-        self._http_runner = runner
-        self.http_port = site.port
+        self._http = server
+        self.http_port = server.port
 
     def _scrape(self) -> bytes | Awaitable[bytes]:
         """``GET /metrics``: this server's metrics; with several workers, every worker's merged."""
@@ -381,8 +372,8 @@ class FerryServer:
         if self._grpc_socket is not None:
             self._grpc_socket.close()
             self._grpc_socket = None
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
+        if self._http is not None:
+            await self._http.stop(grace)  # calls in flight get the drain time, as gRPC's do
         await self.shadows.close()
         await self.repository.close()
         if self.guard is not None:

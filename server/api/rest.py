@@ -16,22 +16,23 @@ whichever ends first; a call still running then is cancelled and answered 504.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from aiohttp import web
 from google.protobuf.message import Message
 
 from ferry.client._proto import ferry_pb2 as fpb
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client.errors import InvalidArgument
 from ferry.server.api.rest_answers import answer, message_json, reply_json
-from ferry.server.api.rest_context import Aborted, RestContext, RestError, parse_timeout
+from ferry.server.api.rest_context import Aborted, HttpAnswer, HttpRequest, RestContext, RestError, parse_timeout
 from ferry.server.api.rest_tensors import infer_request, infer_response, parse_json
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,17 @@ class Method(Protocol):
 
 
 Lookup = Callable[[bytes], Method | None]
-Handler = Callable[[web.Request], Coroutine[Any, Any, web.Response]]
+Handler = Callable[[HttpRequest], Coroutine[Any, Any, HttpAnswer]]
+Route = tuple[str, str, Handler]
+"""A route: its method, its path template (``{name}`` matches one path segment) and its endpoint."""
 
 
 @dataclass(frozen=True, slots=True)
 class RestLimits:
-    """What one REST call may hold: its body's size (compressed and decompressed) and how long it may take to
-    arrive."""
+    """What one REST call may hold: its body's size, as sent and decompressed (the HTTP protocol bounds the time
+    it takes to arrive)."""
 
     max_body_bytes: int = 64 * 1024 * 1024
-    body_timeout_s: float = 30.0
 
 
 class RestApi:
@@ -75,7 +77,7 @@ class RestApi:
         self._lookup = lookup
         self.limits = limits or RestLimits()
 
-    def routes(self) -> list[web.RouteDef]:
+    def routes(self) -> list[Route]:
         m, mv = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
         get: list[tuple[str, Handler]] = [
             ("/v2", self.server_metadata),
@@ -111,17 +113,17 @@ class RestApi:
             post.append((f"{region}/unregister", unregister))
         get.append(("/v2/logging", self._bare("LogSettings")))
         post.append(("/v2/logging", self._bare("LogSettings")))
-        # aiohttp tries routes in order: inference first, so the hot path matches at the first try (the others
-        # keep their order: /v2/models/stats before /v2/models/{model})
+        # routes are tried in order: inference first, so the hot path matches at the first try (the others keep
+        # their order: /v2/models/stats before /v2/models/{model})
         post.sort(key=lambda route: not route[0].endswith("/infer"))
-        return [web.post(p, h) for p, h in post] + [web.get(p, h, allow_head=False) for p, h in get]
+        return [("POST", p, h) for p, h in post] + [("GET", p, h) for p, h in get]
 
     def _bare(self, rpc: str) -> Handler:
         """The endpoint of an RPC Ferry answers without reading a request (shared memory, log settings: all
         UNIMPLEMENTED, 501): its request message names the region, and the reply is the RPC's as JSON."""
         request_type = getattr(pb, f"{rpc}Request")
 
-        async def endpoint(request: web.Request) -> web.Response:
+        async def endpoint(request: HttpRequest) -> HttpAnswer:
             region = request.match_info.get("region")
             message = request_type(name=region) if region is not None else request_type()
             return reply_json(request, message_json(await self.call(rpc, message, request)))
@@ -130,7 +132,7 @@ class RestApi:
 
     # -- the calls
 
-    async def call(self, rpc: str, message: Message, request: web.Request, deadline: float | None = None) -> Any:
+    async def call(self, rpc: str, message: Message, request: HttpRequest, deadline: float | None = None) -> Any:
         """Run the registered handler of ``rpc`` (a method path, or a name of the inference service) on
         ``message``; its reply, or a RestError carrying its status."""
         path = rpc if rpc.startswith("/") else INFERENCE + rpc
@@ -142,76 +144,73 @@ class RestApi:
             if deadline is None:
                 reply = await method.behavior(message, context)
             else:
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    reply = await method.behavior(message, context)
+                reply = await _until(method.behavior(message, context), deadline, path)
         except Aborted as err:
             raise RestError.of(err.code, err.details) from None
-        except TimeoutError:
-            raise RestError.of(grpc.StatusCode.DEADLINE_EXCEEDED, f"{path}: the deadline passed") from None
         code = context.code()
         if reply is None or (code is not None and code != grpc.StatusCode.OK):
             raise RestError.of(code or grpc.StatusCode.UNKNOWN, context.details() or f"{path} gave no reply")
         return reply
 
-    async def infer(self, request: web.Request) -> web.Response:
+    async def infer(self, request: HttpRequest) -> HttpAnswer:
         body = await self.body(request)
         info = request.match_info
         message, outputs = infer_request(
-            info["model"], info.get("version", ""), body, request.headers.get("Inference-Header-Content-Length")
+            info["model"], info.get("version", ""), body, request.headers.get("inference-header-content-length")
         )
         reply = await self.call("ModelInfer", message, request, self.deadline(request, message))
         header, parts = infer_response(reply, outputs)
         return answer(request, header, parts)
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
+    async def server_metadata(self, request: HttpRequest) -> HttpAnswer:
         return reply_json(request, message_json(await self.call("ServerMetadata", pb.ServerMetadataRequest(), request)))
 
-    async def live(self, request: web.Request) -> web.Response:
+    async def live(self, request: HttpRequest) -> HttpAnswer:
         reply = await self.call("ServerLive", pb.ServerLiveRequest(), request)
         return reply_json(request, {"live": reply.live}, 200 if reply.live else 503)
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: HttpRequest) -> HttpAnswer:
         reply = await self.call("ServerReady", pb.ServerReadyRequest(), request)
         return reply_json(request, {"ready": reply.ready}, 200 if reply.ready else 503)
 
-    async def model_ready(self, request: web.Request) -> web.Response:
+    async def model_ready(self, request: HttpRequest) -> HttpAnswer:
         name, version = _model(request)
         reply = await self.call("ModelReady", pb.ModelReadyRequest(name=name, version=version), request)
         return reply_json(request, {"name": name, "ready": reply.ready}, 200 if reply.ready else 503)
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
+    async def model_metadata(self, request: HttpRequest) -> HttpAnswer:
         name, version = _model(request)
         reply = await self.call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version), request)
         return reply_json(request, message_json(reply))
 
-    async def model_config(self, request: web.Request) -> web.Response:
+    async def model_config(self, request: HttpRequest) -> HttpAnswer:
         name, version = _model(request)
         reply = await self.call("ModelConfig", pb.ModelConfigRequest(name=name, version=version), request)
         return reply_json(request, message_json(reply.config))
 
-    async def statistics(self, request: web.Request) -> web.Response:
+    async def statistics(self, request: HttpRequest) -> HttpAnswer:
         name, version = _model(request)
         reply = await self.call("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version), request)
         return reply_json(request, message_json(reply))
 
-    async def repository_index(self, request: web.Request) -> web.Response:
+    async def repository_index(self, request: HttpRequest) -> HttpAnswer:
         doc = await self.json_body(request, {"repository_name": str, "ready": bool})
         reply = await self.call("RepositoryIndex", pb.RepositoryIndexRequest(**doc), request)
         return reply_json(request, [message_json(entry) for entry in reply.models])
 
-    async def load(self, request: web.Request) -> web.Response:
+    async def load(self, request: HttpRequest) -> HttpAnswer:
         message = pb.RepositoryModelLoadRequest(model_name=request.match_info["model"])
         await self._repository_parameters(request, message)
         await self.call("RepositoryModelLoad", message, request)
         return reply_json(request, {})
 
-    async def unload(self, request: web.Request) -> web.Response:
+    async def unload(self, request: HttpRequest) -> HttpAnswer:
         message = pb.RepositoryModelUnloadRequest(model_name=request.match_info["model"])
         await self._repository_parameters(request, message)
         await self.call("RepositoryModelUnload", message, request)
         return reply_json(request, {})
 
-    async def _repository_parameters(self, request: web.Request, message: Any) -> None:
+    async def _repository_parameters(self, request: HttpRequest, message: Any) -> None:
         doc = await self.json_body(request, {"parameters": dict})
         for key, value in doc.get("parameters", {}).items():
             param = message.parameters[key]
@@ -224,7 +223,7 @@ class RestApi:
             else:
                 raise InvalidArgument(f"repository parameter {key!r} must be a bool, an int64 or a string")
 
-    async def trace_setting(self, request: web.Request) -> web.Response:
+    async def trace_setting(self, request: HttpRequest) -> HttpAnswer:
         message = pb.TraceSettingRequest(model_name=request.match_info.get("model", ""))
         if request.method == "POST":
             doc = await self.json_body(request, None)
@@ -242,7 +241,7 @@ class RestApi:
         }
         return reply_json(request, settings)
 
-    async def outcomes(self, request: web.Request) -> web.Response:
+    async def outcomes(self, request: HttpRequest) -> HttpAnswer:
         doc = await self.json_body(request, {"outcomes": list})
         if "outcomes" not in doc:
             raise InvalidArgument("the body needs 'outcomes', a list")
@@ -262,37 +261,46 @@ class RestApi:
                 raise InvalidArgument(f"outcomes[{i}]: give one of 'label', 'target' and 'class_label'")
         return reply_json(request, message_json(await self.call(OUTCOMES, message, request)))
 
-    async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=OPENAPI.read_bytes(), content_type="application/yaml")
+    async def openapi(self, request: HttpRequest) -> HttpAnswer:
+        return HttpAnswer(200, OPENAPI.read_bytes(), "application/yaml")
 
     # -- bodies and deadlines
 
-    async def body(self, request: web.Request) -> bytes:
-        """The request's body, decompressed: 413 before reading one declared over the limit, 415 for a content
-        type or encoding it cannot be, 408 when it does not arrive within the body timeout."""
-        limits = self.limits
-        length = request.content_length
-        if length is not None and length > limits.max_body_bytes:
-            raise RestError(413, f"the body is {length} bytes; the limit is {limits.max_body_bytes}")
-        mime = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    async def body(self, request: HttpRequest) -> bytes:
+        """The request's body, decompressed: 415 for a content type or encoding it cannot be, 413 past the limit
+        (the protocol refuses a body declared over it before reading it, and bounds the time it takes to arrive)."""
+        headers = request.headers
+        mime = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if mime not in JSON_TYPES and not mime.endswith("+json"):
             raise RestError(415, f"content type {mime!r} is not read here; send application/json")
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", "gzip", "deflate"):
-            raise RestError(415, f"content encoding {encoding!r} is not read here; gzip and deflate are")
-        try:
-            async with asyncio.timeout(limits.body_timeout_s):
-                return await request.read()  # aiohttp decompresses, and bounds the result by client_max_size
-        except TimeoutError:
-            raise RestError(
-                408, f"the body did not arrive within {limits.body_timeout_s:g} s", {"Connection": "close"}
-            ) from None
-        except web.HTTPRequestEntityTooLarge:
-            raise RestError(413, f"the body is over the limit of {limits.max_body_bytes} bytes") from None
-        except web.RequestPayloadError as err:  # a body that does not decompress, or a broken chunked encoding
-            raise InvalidArgument(f"the body cannot be read: {str(err).splitlines()[-1].strip()}") from None
+        encoding = headers.get("content-encoding")
+        if encoding is None:
+            body = request.body
+        else:
+            encoding = encoding.strip().lower()
+            if encoding not in ("identity", "gzip", "deflate"):
+                raise RestError(415, f"content encoding {encoding!r} is not read here; gzip and deflate are")
+            body = request.body if encoding == "identity" else self._decompress(request.body, encoding)
+        if len(body) > self.limits.max_body_bytes:
+            raise RestError(413, f"the body is over the limit of {self.limits.max_body_bytes} bytes")
+        return body
 
-    async def json_body(self, request: web.Request, fields: dict[str, type] | None) -> dict[str, Any]:
+    def _decompress(self, body: bytes, encoding: str) -> bytes:
+        """gzip, or deflate (zlib's format, or raw deflate as some clients send it), stopped one byte past the
+        limit so a small bomb cannot make the server hold its gigabytes."""
+        wbits = 31 if encoding == "gzip" else 15 if body[:1] and body[0] & 0x0F == 8 else -15
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            out = decompressor.decompress(body, self.limits.max_body_bytes + 1)
+        except zlib.error as err:
+            raise InvalidArgument(f"the body cannot be read: it is not valid {encoding} ({err})") from None
+        if len(out) > self.limits.max_body_bytes:
+            raise RestError(413, f"the body is over the limit of {self.limits.max_body_bytes} bytes")
+        if not decompressor.eof:
+            raise InvalidArgument(f"the body cannot be read: its {encoding} stream is cut short")
+        return out
+
+    async def json_body(self, request: HttpRequest, fields: dict[str, type] | None) -> dict[str, Any]:
         """A small JSON object body (empty: ``{}``); ``fields`` names the keys it may have and their types."""
         body = await self.body(request)
         if not body.strip():
@@ -309,14 +317,14 @@ class RestApi:
                     raise InvalidArgument(f"field {key!r} must be a {kind.__name__}")
         return doc
 
-    def deadline(self, request: web.Request, message: pb.ModelInferRequest | None = None) -> float | None:
+    def deadline(self, request: HttpRequest, message: pb.ModelInferRequest | None = None) -> float | None:
         """The call's deadline on the monotonic clock: the earliest its headers or ``timeout`` parameter set."""
         timeouts = []
         headers = request.headers
-        for header in ("Ferry-Timeout", "grpc-timeout"):
+        for header, name in (("ferry-timeout", "Ferry-Timeout"), ("grpc-timeout", "grpc-timeout")):
             value = headers.get(header)
             if value is not None:
-                timeouts.append(parse_timeout(value, header))
+                timeouts.append(parse_timeout(value, name))
         if message is not None and "timeout" in message.parameters:
             param = message.parameters["timeout"]
             kind = param.WhichOneof("parameter_choice")
@@ -348,9 +356,25 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _model(request: web.Request) -> tuple[str, str]:
+async def _until(call: Awaitable[Any], deadline: float, path: str) -> Any:
+    """``call``'s result, or 504 once ``deadline`` (monotonic) passes, with the call cancelled. A task of its own:
+    the endpoint may run outside one (stepped in place by the HTTP protocol), where ``asyncio.timeout`` cannot."""
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        if not task.done():  # the deadline passed, or the caller was cancelled
+            task.cancel()
+    if not done:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # gives back what the call holds before the answer goes
+        raise RestError.of(grpc.StatusCode.DEADLINE_EXCEEDED, f"{path}: the deadline passed")
+    return task.result()
+
+
+def _model(request: HttpRequest) -> tuple[str, str]:
     info = request.match_info
     return info.get("model", ""), info.get("version", "")
 
 
-__all__ = ["OPENAPI", "Lookup", "Method", "RestApi", "RestLimits"]
+__all__ = ["OPENAPI", "Lookup", "Method", "RestApi", "RestLimits", "Route"]

@@ -1,5 +1,5 @@
 """REST answers: JSON (with binary tensor parts after it), compressed as ``Accept-Encoding`` allows; every
-failure as the protocol's ``{"error": ...}`` (:func:`json_errors`, the app's middleware); protobuf replies as
+failure as the protocol's ``{"error": ...}`` (:func:`json_errors`, around every endpoint); protobuf replies as
 Triton's REST JSON (:func:`message_json`)."""
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from ferry.client.errors import FerryError
-from ferry.server.api.rest_context import RestError
+from ferry.server.api.rest_context import HttpAnswer, HttpRequest, RestError
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +24,28 @@ COMPRESS_MIN_BYTES = 1024
 bytes, and compressing costs more than it saves."""
 
 
-def reply_json(request: web.Request, doc: Any, status: int = 200) -> web.Response:
+def reply_json(request: HttpRequest, doc: Any, status: int = 200) -> HttpAnswer:
     return answer(request, orjson.dumps(doc), (), status)
 
 
-def answer(request: web.Request, body: bytes, parts: Any = (), status: int = 200) -> web.Response:
+def answer(request: HttpRequest, body: bytes, parts: Any = (), status: int = 200) -> HttpAnswer:
     """A JSON answer, with binary tensor parts after it when there are any; compressed as ``Accept-Encoding``
     allows."""
-    headers = {}
+    headers: dict[str, str] | None = None
     if parts:
-        headers["Inference-Header-Content-Length"] = str(len(body))
+        headers = {"Inference-Header-Content-Length": str(len(body))}
         payload = b"".join((body, *parts))
         content_type = "application/octet-stream"
     else:
         payload = body
         content_type = "application/json"
     if len(payload) >= COMPRESS_MIN_BYTES:
-        encoding = _accepted_encoding(request.headers.get("Accept-Encoding", ""))
+        encoding = _accepted_encoding(request.headers.get("accept-encoding", ""))
         if encoding is not None:
             compressor = zlib.compressobj(1, wbits=31 if encoding == "gzip" else 15)  # level 1: tensors barely shrink
             payload = compressor.compress(payload) + compressor.flush()
-            headers["Content-Encoding"] = encoding
-    return web.Response(body=payload, status=status, headers=headers, content_type=content_type)
+            headers = {**(headers or {}), "Content-Encoding": encoding}
+    return HttpAnswer(status, payload, content_type, headers)
 
 
 def _accepted_encoding(accept: str) -> str | None:
@@ -70,42 +69,22 @@ def _accepted_encoding(accept: str) -> str | None:
     return None
 
 
-def error_response(err: RestError) -> web.Response:
-    response = web.Response(
-        body=orjson.dumps({"error": err.message}),
-        status=err.status,
-        headers=err.headers,
-        content_type="application/json",
-    )
-    if err.headers.get("Connection") == "close":
-        response.force_close()
-    return response
+def error_answer(err: RestError) -> HttpAnswer:
+    close = err.headers.get("Connection") == "close"
+    return HttpAnswer(err.status, orjson.dumps({"error": err.message}), headers=err.headers, close=close)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
-    """Every failure as the protocol's ``{"error": ...}``: ours, a FerryError raised while translating, and
-    aiohttp's own (no such route, method not allowed, a malformed request)."""
+async def json_errors(request: HttpRequest, handler: Callable[[HttpRequest], Awaitable[HttpAnswer]]) -> HttpAnswer:
+    """Every failure as the protocol's ``{"error": ...}``: ours, and a FerryError raised while translating."""
     try:
         return await handler(request)
     except RestError as err:
-        return error_response(err)
+        return error_answer(err)
     except FerryError as err:
-        return error_response(RestError.of(err.code, err.message))
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        headers = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else {}
-        if err.status == 404:
-            message = f"no endpoint {request.path}"
-        elif err.status == 405:
-            message = f"{request.method} is not allowed on {request.path}; allowed: {headers.get('Allow', '')}"
-        else:
-            message = err.text or err.reason
-        return error_response(RestError(err.status, message, headers))
+        return error_answer(RestError.of(err.code, err.message))
     except Exception:
         log.exception("REST %s %s failed unexpectedly", request.method, request.path)
-        return error_response(RestError(500, f"internal error in {request.method} {request.path}"))
+        return error_answer(RestError(500, f"internal error in {request.method} {request.path}"))
 
 
 # -- protobuf replies as Triton's JSON
@@ -151,4 +130,4 @@ def _numbers(descriptor: Descriptor, doc: dict[str, Any]) -> None:
             doc[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
 
 
-__all__ = ["COMPRESS_MIN_BYTES", "answer", "error_response", "json_errors", "message_json", "reply_json"]
+__all__ = ["COMPRESS_MIN_BYTES", "answer", "error_answer", "json_errors", "message_json", "reply_json"]

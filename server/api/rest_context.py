@@ -1,8 +1,10 @@
-"""What a servicer sees of a REST call (:class:`RestContext`, the same surface as a gRPC context), and the one
-table from gRPC status codes to HTTP statuses (:data:`HTTP_STATUS`)."""
+"""An HTTP request and its answer as the REST layer sees them (:class:`HttpRequest`, :class:`HttpAnswer`: what
+``ferry.server.transport.http1`` parses and writes), what a servicer sees of a REST call (:class:`RestContext`, the
+same surface as a gRPC context), and the one table from gRPC status codes to HTTP statuses (:data:`HTTP_STATUS`)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 import time
@@ -10,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
-from aiohttp import web
 
 from ferry.client.errors import InvalidArgument
 
@@ -38,6 +39,45 @@ RPC's outcome. 503 and 429 answers carry ``Retry-After``."""
 
 RETRY_AFTER_S = 1
 """``Retry-After`` of a 503 or 429: the same retry a gRPC client's UNAVAILABLE would make, after a second."""
+
+
+class HttpRequest:
+    """One request as the HTTP/1.1 protocol parsed it, its body whole (as sent: the REST layer decompresses).
+    ``headers`` has lower-cased names; a field sent more than once is joined with ", " (RFC 9110, 5.3).
+    ``match_info`` holds the path's parameters, percent-decoded, once a route has matched."""
+
+    __slots__ = ("body", "headers", "match_info", "method", "path", "transport")
+
+    def __init__(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, transport: asyncio.BaseTransport | None
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.transport = transport
+        self.match_info: dict[str, str] = {}
+
+
+class HttpAnswer:
+    """An answer: its status, body (with its content type) and further header fields; ``close`` ends the
+    connection after it."""
+
+    __slots__ = ("body", "close", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+        self.close = close
 
 
 class RestError(Exception):
@@ -90,7 +130,7 @@ class RestContext:
 
     __slots__ = ("_code", "_deadline", "_details", "_metadata", "_request", "_trailing")
 
-    def __init__(self, request: web.Request, deadline: float | None) -> None:
+    def __init__(self, request: HttpRequest, deadline: float | None) -> None:
         self._request = request
         self._deadline = deadline
         self._metadata: tuple[tuple[str, str], ...] | None = None
@@ -100,7 +140,7 @@ class RestContext:
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         if self._metadata is None:
-            self._metadata = tuple((name.lower(), value) for name, value in self._request.headers.items())
+            self._metadata = tuple(self._request.headers.items())
         return self._metadata
 
     def peer(self) -> str:
@@ -176,4 +216,13 @@ class RestContext:
         return None
 
 
-__all__ = ["HTTP_STATUS", "RETRY_AFTER_S", "Aborted", "RestContext", "RestError", "parse_timeout"]
+__all__ = [
+    "HTTP_STATUS",
+    "RETRY_AFTER_S",
+    "Aborted",
+    "HttpAnswer",
+    "HttpRequest",
+    "RestContext",
+    "RestError",
+    "parse_timeout",
+]

@@ -1,8 +1,8 @@
 """What a servicer sees of a REST call (contract C1): the HTTP headers as metadata (lower-cased, ``authorization``
 included), the peer, the deadline, ``abort``, and ``auth_context`` (empty without TLS; gRPC's keys under TLS with a
-client certificate). Checked on the REST layer served by aiohttp on 127.0.0.1, plain and over TLS, with a probe
-handler in the services table; and the headers reaching Ferry's own servicer: a W3C ``traceparent`` sent over REST
-continues the caller's trace as it does over gRPC."""
+client certificate). Checked on the REST layer served by Ferry's HTTP/1.1 protocol on 127.0.0.1, plain and over
+TLS, with a probe handler in the services table; and the headers reaching Ferry's own servicer: a W3C
+``traceparent`` sent over REST continues the caller's trace as it does over gRPC."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from typing import Any
 
 import grpc
 import pytest
-from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ferry.client._proto import grpc_service_pb2 as pb
-from ferry.server.api.http import HttpLimits, LimitedSite, create_http_app
+from ferry.server.api.http import HttpLimits, create_http_app
 from ferry.server.observability.telemetry import Tracing
+from ferry.server.transport.http1 import Http1Server
 from tests.resthttp import call, post_json
 from tests.serving import background_server
 
@@ -66,20 +66,18 @@ class ProbeServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.runner: web.AppRunner | None = None
+        self.server: Http1Server | None = None
         self.port = asyncio.run_coroutine_threadsafe(self._start(tls), self.loop).result(30)
 
     async def _start(self, tls: ssl.SSLContext | None) -> int:
-        app = create_http_app(lambda: b"", lambda path: self.probe, HttpLimits())
-        self.runner = web.AppRunner(app, access_log=None, **HttpLimits().runner_options())
-        await self.runner.setup()
-        site = LimitedSite(self.runner, "127.0.0.1", 0, max_connections=8, ssl_context=tls)
-        await site.start()
-        return int(site.port)
+        limits = HttpLimits(max_connections=8)
+        self.server = Http1Server(create_http_app(lambda: b"", lambda path: self.probe, limits), limits)
+        await self.server.start("127.0.0.1", 0, ssl=tls)
+        return self.server.port
 
     def close(self) -> None:
-        assert self.runner is not None
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
