@@ -16,6 +16,8 @@ whichever ends first; a call still running then is cancelled and answered 504.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import time
@@ -211,10 +213,17 @@ class RestApi:
         return reply_json(request, {})
 
     async def _repository_parameters(self, request: HttpRequest, message: Any) -> None:
+        """The body's ``parameters``; a ``file:<path>`` one is the file's bytes in base64, as Triton's HTTP API
+        (and tritonclient.http's ``load_model(files=...)``) sends them."""
         doc = await self.json_body(request, {"parameters": dict})
         for key, value in doc.get("parameters", {}).items():
             param = message.parameters[key]
-            if isinstance(value, bool):
+            if key.startswith("file:") and isinstance(value, str):
+                try:
+                    param.bytes_param = base64.b64decode(value, validate=True)
+                except binascii.Error:
+                    raise InvalidArgument(f"repository parameter {key!r} must be the file's bytes in base64") from None
+            elif isinstance(value, bool):
                 param.bool_param = value
             elif isinstance(value, int) and -(2**63) <= value < 2**63:
                 param.int64_param = value

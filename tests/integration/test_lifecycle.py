@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -217,6 +218,33 @@ def test_explicit_mode_loads_only_the_named_models_and_takes_config_and_files(
             assert not client.is_model_ready("uploaded")
         finally:
             client.close()
+
+
+def test_tritonclient_http_loads_a_config_and_files_over_rest(example_repo: Path, tmp_path: Path) -> None:
+    """Triton's HTTP API carries a ``file:`` parameter as base64 (tritonclient.http encodes it): the same upload as
+    over gRPC; what is not base64 is refused 400."""
+    import tritonclient.http as th
+
+    tiny_bytes = (example_repo / "tiny" / "1" / "model.onnx").read_bytes()
+    with background_server(tmp_path, model_control_mode="explicit") as server:
+        client = th.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+        try:
+            config = json.dumps({"name": "uploaded", "max_batch_size": 4})
+            client.load_model("uploaded", config=config, files={"file:2/model.onnx": tiny_bytes})
+            assert client.is_model_ready("uploaded", "2")
+            assert client.get_model_config("uploaded")["max_batch_size"] == 4
+            x = np.ones((1, 16), np.float32)
+            inputs = [th.InferInput("input", [1, 16], "FP32")]
+            inputs[0].set_data_from_numpy(x)
+            expected = ort.InferenceSession(str(example_repo / "tiny" / "1" / "model.onnx")).run(None, {"input": x})
+            np.testing.assert_allclose(client.infer("uploaded", inputs).as_numpy("output"), expected[0], rtol=1e-5)
+        finally:
+            client.close()
+        body = json.dumps({"parameters": {"config": config, "file:1/model.onnx": "not base64!"}}).encode()
+        url = f"http://127.0.0.1:{server.server.http_port}/v2/repository/models/uploaded/load"
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=30)
+        assert err.value.code == 400 and b"base64" in err.value.read()
 
 
 def test_models_served_from_uploads_are_bounded(example_repo: Path, tmp_path: Path) -> None:
