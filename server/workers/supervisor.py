@@ -70,6 +70,13 @@ GATHER_TIMEOUT_S = 3.0
 not answer by then (its event loop stalled, its process stopped) is left out rather than holding up the answer."""
 
 
+PING_EVERY_S = 5.0
+"""While a worker applies a change (a load may take minutes, in its load threads), the supervisor pings it this
+often; a worker whose event loop does not answer a ping within :data:`GATHER_TIMEOUT_S` (its process stopped, its
+loop wedged) is killed and started again, so one stuck worker cannot hold every later change (and every restarted
+worker's join) behind it. Its restart replays the change."""
+
+
 @dataclass
 class Slot:
     """Worker ``index``: its current process and link (None between a death and the restart)."""
@@ -300,6 +307,29 @@ class Supervisor:
         except TimeoutError:
             raise DeadlineExceeded(f"worker {slot.index} did not answer within {GATHER_TIMEOUT_S:g}s") from None
 
+    async def _change(self, slot: Slot, method: str, body: bytes) -> tuple[Header, bytes]:
+        """Apply one change on one worker, however long it takes, as long as the worker's loop answers pings (see
+        :data:`PING_EVERY_S`); a worker that stops answering is killed (LinkClosed: its restart replays the change)."""
+        change = asyncio.ensure_future(self._call(slot, "call", {"method": method}, body))
+        try:
+            while True:
+                done, _ = await asyncio.wait([change], timeout=PING_EVERY_S)
+                if done:
+                    return change.result()
+                try:
+                    await self._ask(slot, "ping")
+                except DeadlineExceeded:
+                    log.error(
+                        "worker %d answers nothing while applying %s: killing it (started again, it gets every change)",
+                        slot.index,
+                        method.rsplit("/", 1)[-1],
+                    )
+                    _send(slot, signal.SIGKILL)
+                    raise LinkClosed(f"worker {slot.index} stopped answering") from None
+        finally:
+            if not change.done():
+                change.cancel()
+
     async def _join(self, slot: Slot) -> None:
         """Replay the changes made so far onto a worker that has loaded its models, then send it every new one."""
         async with self._change_lock:
@@ -307,7 +337,7 @@ class Supervisor:
             # been made before the latest load of a model this worker does not have yet (stable: each in order)
             for _, (method, body) in sorted(self._changes.items(), key=lambda change: change[0][0] == "trace"):
                 try:
-                    await self._call(slot, "call", {"method": method}, body)
+                    await self._change(slot, method, body)
                 except LinkClosed:
                     raise
                 except FerryError as err:
@@ -321,9 +351,7 @@ class Supervisor:
         """Apply a change on every joined worker, one change at a time; remembered when any worker took it."""
         async with self._change_lock:
             targets = [s for s in self.slots if s.joined and s.channel is not None]
-            answers = await asyncio.gather(
-                *(self._call(s, "call", {"method": method}, body) for s in targets), return_exceptions=True
-            )
+            answers = await asyncio.gather(*(self._change(s, method, body) for s in targets), return_exceptions=True)
             results, parts = _collect(targets, answers, skip_closed=True)
             if any(not r["code"] for r in results):
                 self._remember(method, body)

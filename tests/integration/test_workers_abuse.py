@@ -503,3 +503,33 @@ def test_statistics_answer_without_a_worker_that_stopped_answering(fleet: Fleet)
         assert answered == 2
     finally:
         os.kill(frozen, signal.SIGCONT)
+
+
+def test_a_worker_that_stops_answering_during_a_change_is_restarted_and_the_change_lands(fleet: Fleet) -> None:
+    """A stopped worker (SIGSTOP: a wedged loop) held the change lock forever, and with it every later load and
+    every restarted worker's join: the supervisor pings a worker applying a change and kills one that does not
+    answer; the load returns, and the worker started in its place has the change replayed."""
+    old = workers_by_index(fleet)
+    os.kill(old[1], signal.SIGSTOP)
+    try:
+        for _ in range(40):  # a connection on the worker that still answers
+            channel = grpc.insecure_channel(fleet.grpc, options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                stub.ServerReady(pb.ServerReadyRequest(), timeout=1)
+                break
+            except grpc.RpcError:
+                channel.close()
+        else:
+            pytest.fail("no connection reached the running worker")
+        with channel:
+            stub.RepositoryModelLoad(
+                pb.RepositoryModelLoadRequest(model_name=HIDDEN), metadata=bearer(ADMIN), timeout=60
+            )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old[1], signal.SIGCONT)
+    wait_for("worker 1 started again", lambda: workers_by_index(fleet).get(1, old[1]) != old[1])
+    wait_for("both workers up", lambda: up(fleet) == [1, 1])
+    assert ready_everywhere(fleet, HIDDEN) == {True}
+    call(fleet, ADMIN, "RepositoryModelUnload", pb.RepositoryModelUnloadRequest(model_name=HIDDEN))
