@@ -663,6 +663,7 @@ def test_certificate_identities_over_grpcio_mtls(example_repo: Path, tmp_path: P
     from ferry.server.api.servicer import InferenceServicer
     from ferry.server.app import FerryServer
     from ferry.server.config import ServerConfig
+    from ferry.server.observability.outcomes import OutcomeServicer
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
@@ -690,7 +691,8 @@ def test_certificate_identities_over_grpcio_mtls(example_repo: Path, tmp_path: P
 
         await asyncio.to_thread(ferry.repository.load_all)
         aio = grpc.aio.server()
-        ferry._register(InferenceServicer(ferry.repository, ferry.cache, lambda: True, changed), aio)
+        servicer = InferenceServicer(ferry.repository, ferry.cache, lambda: True, changed)
+        ferry._register(servicer, OutcomeServicer(ferry.monitoring.outcomes), aio)
         credentials = grpc.ssl_server_credentials(
             [(certs["server.key"], certs["server.pem"])], certs["ca.pem"], require_client_auth=True
         )

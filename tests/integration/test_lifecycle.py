@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -240,6 +241,8 @@ def test_tritonclient_http_loads_a_config_and_files_over_rest(example_repo: Path
             np.testing.assert_allclose(client.infer("uploaded", inputs).as_numpy("output"), expected[0], rtol=1e-5)
         finally:
             client.close()
+            del client
+            gc.collect()  # tritonclient.http's gevent objects freed on this thread (see tests/integration/test_rest.py)
         body = json.dumps({"parameters": {"config": config, "file:1/model.onnx": "not base64!"}}).encode()
         url = f"http://127.0.0.1:{server.server.http_port}/v2/repository/models/uploaded/load"
         with pytest.raises(urllib.error.HTTPError) as err:
