@@ -719,3 +719,4 @@ def test_certificate_identities_over_grpcio_mtls(example_repo: Path, tmp_path: P
         on_loop(ferry.repository.close())
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+        loop.close()  # its self-pipe sockets, else collected later as an unclosed-socket warning in another test
