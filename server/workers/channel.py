@@ -140,7 +140,7 @@ class Channel:
             self._pending.pop(ident, None)
         code = header.get("code", 0)
         if code:
-            raise error_for_status(_status(code), str(header.get("message", "")))
+            raise error_for_status(status_code(code), str(header.get("message", "")))
         return header, out
 
     def close(self) -> None:
@@ -155,7 +155,8 @@ class Channel:
         self.closed.set()
 
 
-def _status(value: int) -> grpc.StatusCode:
+def status_code(value: int) -> grpc.StatusCode:
+    """The status code a link header's ``code`` (:func:`status_value`) names; UNKNOWN for another number."""
     for code in grpc.StatusCode:
         if code.value[0] == value:
             return code
@@ -166,4 +167,4 @@ def status_value(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
-__all__ = ["GATHERED_BYTES", "Channel", "Header", "LinkClosed", "Serve", "frame_bound", "status_value"]
+__all__ = ["GATHERED_BYTES", "Channel", "Header", "LinkClosed", "Serve", "frame_bound", "status_code", "status_value"]

@@ -127,7 +127,7 @@ def merge_metrics(texts: Mapping[int, bytes] | Sequence[bytes], extra: Iterable[
     for name, family in families.items():
         family.samples = [Sample(sample, dict(labels), value) for (sample, labels), value in values[name].items()]
         out.append(family)
-    return generate_latest(_registry([*out, requests, *extra]))
+    return text_of([*out, requests, *extra])
 
 
 def _rule(family: Metric) -> str:
@@ -150,10 +150,11 @@ class _Fixed(Collector):
         return iter(self._families)
 
 
-def _registry(families: list[Metric]) -> CollectorRegistry:
+def text_of(families: list[Metric]) -> bytes:
+    """The Prometheus text format of ``families``, as they are."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(families))
-    return registry
+    return generate_latest(registry)
 
 
-__all__ = ["LEAST_GAUGES", "MOST_GAUGES", "SUMMED_GAUGES", "add_statistics", "merge_metrics"]
+__all__ = ["LEAST_GAUGES", "MOST_GAUGES", "SUMMED_GAUGES", "add_statistics", "merge_metrics", "text_of"]

@@ -44,15 +44,14 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client.errors import DeadlineExceeded, FerryError, Unavailable
 from ferry.server.config import ServerConfig
 from ferry.server.transport.server import bound_socket
 from ferry.server.workers.channel import Channel, Header, LinkClosed, frame_bound, status_value
+from ferry.server.workers.merge import text_of
 from ferry.server.workers.worker import ENV, LOAD, TRACE, UNLOAD, pack
 
 log = logging.getLogger(__name__)
@@ -394,9 +393,7 @@ class Supervisor:
         return {"results": results}, pack(parts)
 
     def _own_metrics(self) -> bytes:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SupervisorMetrics(self))
-        return generate_latest(registry)
+        return text_of(_supervisor_families(self.slots))
 
 
 def _send(slot: Slot, sig: signal.Signals) -> None:
@@ -426,25 +423,17 @@ def _collect(
     return results, parts
 
 
-class _SupervisorMetrics(Collector):
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
-
-    def collect(self) -> Any:
-        slots = self._supervisor.slots
-        workers = GaugeMetricFamily("ferry_workers", "Worker processes the supervisor runs (--workers).")
-        workers.add_metric([], len(slots))
-        up = GaugeMetricFamily(
-            "ferry_worker_up", "1 while the worker is ready and gets every change.", labels=["worker"]
-        )
-        restarts = CounterMetricFamily(
-            "ferry_worker_restarts", "Times the worker exited and was started again.", labels=["worker"]
-        )
-        for slot in slots:
-            up.add_metric([str(slot.index)], 1 if slot.ready and slot.joined else 0)
-            restarts.add_metric([str(slot.index)], slot.restarts)
-        out: list[Metric] = [workers, up, restarts]
-        return iter(out)
+def _supervisor_families(slots: Sequence[Slot]) -> list[Metric]:
+    workers = GaugeMetricFamily("ferry_workers", "Worker processes the supervisor runs (--workers).")
+    workers.add_metric([], len(slots))
+    up = GaugeMetricFamily("ferry_worker_up", "1 while the worker is ready and gets every change.", labels=["worker"])
+    restarts = CounterMetricFamily(
+        "ferry_worker_restarts", "Times the worker exited and was started again.", labels=["worker"]
+    )
+    for slot in slots:
+        up.add_metric([str(slot.index)], 1 if slot.ready and slot.joined else 0)
+        restarts.add_metric([str(slot.index)], slot.restarts)
+    return [workers, up, restarts]
 
 
 async def supervise(config: ServerConfig, argv: Sequence[str]) -> int:

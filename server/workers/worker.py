@@ -32,11 +32,12 @@ import grpc
 from ferry.client._proto import ferry_pb2 as fpb
 from ferry.client._proto import grpc_service_pb2 as pb
 from ferry.client.errors import FerryError, error_for_status
+from ferry.server.api.rest_context import Aborted
 from ferry.server.api.rpc import rpc
 from ferry.server.api.servicer import InferenceServicer
 from ferry.server.observability.outcomes import OutcomeServicer, OutcomeTracker, from_proto
 from ferry.server.transport import Services
-from ferry.server.workers.channel import Channel, Header
+from ferry.server.workers.channel import Channel, Header, status_code
 from ferry.server.workers.merge import add_statistics
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ BROADCAST = frozenset({LOAD, UNLOAD, TRACE})
 """Methods the supervisor applies to every worker (TraceSetting only when it changes settings)."""
 
 _COUNT = struct.Struct("!I")
-
-
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
 
 
 class LocalContext:
@@ -171,10 +165,10 @@ class WorkerLink:
         failed = [r for r in results if r["code"]]
         if failed:
             if len(failed) == len(results) and len({(r["code"], r["message"]) for r in failed}) == 1:
-                raise error_for_status(_code(failed[0]["code"]), failed[0]["message"])
+                raise error_for_status(status_code(failed[0]["code"]), failed[0]["message"])
             ok = [r["worker"] for r in results if not r["code"]]
             detail = "; ".join(f"worker {r['worker']}: {r['message']}" for r in failed)
-            raise error_for_status(_code(failed[0]["code"]), f"{detail} (done on workers {ok})")
+            raise error_for_status(status_code(failed[0]["code"]), f"{detail} (done on workers {ok})")
         return _parts(out, len(results))[[r["worker"] for r in results].index(self.index)]
 
     async def gather(self, path: str, body: bytes) -> list[bytes]:
@@ -216,10 +210,6 @@ def _parts(body: bytes, count: int) -> list[bytes]:
         parts.append(body[at + _COUNT.size : at + _COUNT.size + size])
         at += _COUNT.size + size
     return parts
-
-
-def _code(value: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
 class FleetServicer:
